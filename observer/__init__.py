@@ -1,0 +1,3 @@
+"""hvo-observer: live observer for HugeTLB Vmemmap Optimization (HVO)."""
+
+__version__ = "0.1.0"

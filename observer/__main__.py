@@ -1,0 +1,3 @@
+from observer.cli import main
+
+raise SystemExit(main())

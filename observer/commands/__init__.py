@@ -1,0 +1,1 @@
+"""On-call commands talking to the daemon (or the kernel when no daemon runs)."""

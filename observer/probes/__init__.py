@@ -1,0 +1,1 @@
+"""Probe catalog, BPF loading in fentry/kprobe/tracepoint modes, and event decoding."""

@@ -1,0 +1,113 @@
+"""Decoding of ``struct hvo_event`` (bpf/hvo_event.h) and of the in-kernel aggregate slots."""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+
+class EventType(enum.IntEnum):
+    POOL_ALLOC = 1
+    POOL_FREE = 2
+    OPTIMIZE = 3
+    RESTORE = 4
+    DEMOTE = 5
+    REMAP_FREE = 6
+    REMAP_ALLOC = 7
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Result(enum.IntEnum):
+    OK = 0
+    ERROR = 1
+    SKIPPED = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+FLAG_INFERRED = 1
+NO_NODE = 0xFFFFFFFF
+MAX_ORDER = 64
+NR_RESULTS = 3
+NR_EVENTS = 8
+HIST_BUCKETS = 64
+
+# struct hvo_event: 4 x u64, u32 tgid, u32 tid, s32 err, u32 node, 4 x u8, char comm[16]
+_LAYOUT = struct.Struct("<QQQQIIiIBBBB16s")
+EVENT_SIZE = _LAYOUT.size  # 72
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    ts_ns: int
+    pfn: int
+    cgroup_id: int
+    duration_ns: int
+    tgid: int
+    tid: int
+    err: int
+    node: int | None
+    event: EventType
+    result: Result
+    order: int
+    inferred: bool
+    comm: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ts_ns": self.ts_ns,
+            "event": self.event.label,
+            "order": self.order,
+            "node": self.node,
+            "pfn": self.pfn,
+            "tgid": self.tgid,
+            "tid": self.tid,
+            "comm": self.comm,
+            "cgroup_id": self.cgroup_id,
+            "duration_ns": self.duration_ns,
+            "result": self.result.label,
+            "errno": self.err,
+            "inferred": self.inferred,
+        }
+
+
+def decode(data: bytes | memoryview) -> Event:
+    (ts, pfn, cg, dur, tgid, tid, err, node, ev, res, order, flags, comm) = _LAYOUT.unpack_from(data)
+    return Event(
+        ts_ns=ts,
+        pfn=pfn,
+        cgroup_id=cg,
+        duration_ns=dur,
+        tgid=tgid,
+        tid=tid,
+        err=err,
+        node=None if node == NO_NODE else node,
+        event=EventType(ev),
+        result=Result(res),
+        order=order,
+        inferred=bool(flags & FLAG_INFERRED),
+        comm=comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
+    )
+
+
+def encode(e: Event) -> bytes:
+    """The inverse of decode: for replay benchmarks and user-space-made (inferred) events."""
+    return _LAYOUT.pack(
+        e.ts_ns, e.pfn, e.cgroup_id, e.duration_ns, e.tgid, e.tid, e.err,
+        NO_NODE if e.node is None else e.node, int(e.event), int(e.result), e.order,
+        FLAG_INFERRED if e.inferred else 0, e.comm.encode()[:15],
+    )
+
+
+def count_index(event: EventType, order: int, result: Result) -> int:
+    return (int(event) * MAX_ORDER + order) * NR_RESULTS + int(result)
+
+
+def hist_index(event: EventType, order: int, bucket: int) -> int:
+    return (int(event) * MAX_ORDER + order) * HIST_BUCKETS + bucket
