@@ -1,0 +1,367 @@
+"""One probe session: pick a mode, compile the mode's ProbeSets as one bcc program, attach, poll.
+
+Everything the session creates in the kernel hangs off file descriptors of this process (bcc's
+perf-event tracepoint/kprobe attachments, fentry links, maps): nothing is pinned and no
+kprobe_events text entry is written, so a SIGKILLed daemon leaves nothing behind. ``close()``
+detaches explicitly; SIGTERM handling belongs to the caller (the daemon turns it into close()).
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from ctypes import string_at
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from observer.errors import ObserverError
+from observer.probes.events import (
+    EVENT_SIZE,
+    HIST_BUCKETS,
+    MAX_ORDER,
+    NR_EVENTS,
+    NR_RESULTS,
+    Event,
+    EventType,
+    Result,
+    decode,
+)
+from observer.probes.probeset import MODES, PROBESET_FACTORIES, Attachment, BaseProbeSet, ProbeSet
+
+if TYPE_CHECKING:
+    from observer.kernel.facts import KernelFacts
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+DEFAULT_RINGBUF_BYTES = 1 << 22
+CORE_EVENTS = (EventType.OPTIMIZE, EventType.RESTORE)
+
+CountKey = tuple[EventType, int, Result]
+HistKey = tuple[EventType, int]
+
+
+@dataclass(frozen=True)
+class Aggregates:
+    """Exact totals since the session started: kernel per-CPU maps + user-space (inferred) events."""
+
+    counts: dict[CountKey, int] = field(default_factory=dict)
+    hist: dict[HistKey, list[int]] = field(default_factory=dict)  # 64 log2(ns) buckets
+    lost: int = 0
+
+
+def select_mode(facts: KernelFacts) -> tuple[str, str]:
+    """The best mode this kernel allows, and why the better ones were passed over.
+
+    fentry/kprobe need the kernel to allow them (observer.modes: a real fentry load trial, the
+    kprobe PMU) and the core HVO functions (optimize and restore) to resolve; tracepoint mode is
+    the fallback (it needs only kmem tracepoints).
+    """
+    from observer import modes
+    from observer.probes.resolve import resolve_all
+
+    support = modes.mode_support(facts)
+    passed: list[str] = []
+    for mode in ("fentry", "kprobe"):
+        if not support[mode].available:
+            passed.append(f"{mode}: {support[mode].reason}")
+            continue
+        resolutions = resolve_all(facts, mode)
+        missing = [e.label for e in CORE_EVENTS if not any(r.ok and r.spec.event is e for r in resolutions)]
+        if not missing:
+            return mode, f"{mode}: the kernel allows it and the HVO functions resolve" + _why(passed)
+        passed.append(f"{mode}: no probe-able function for {', '.join(missing)}")
+    if not support["tracepoint"].available:
+        raise ObserverError("no probe mode is available: " + "; ".join(
+            [*passed, f"tracepoint: {support['tracepoint'].reason}"]))
+    why = "tracepoint: pool events from kmem tracepoints, optimize/restore inferred"
+    return "tracepoint", why + _why(passed)
+
+
+def _why(passed: list[str]) -> str:
+    return f" (not {'; not '.join(passed)})" if passed else ""
+
+
+class ProbeSession:
+    def __init__(
+        self,
+        mode: str = "auto",
+        facts: KernelFacts | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        ringbuf_bytes: int = DEFAULT_RINGBUF_BYTES,
+        output: str = "auto",
+    ) -> None:
+        """``output``: "auto" (ring buffer when the kernel has it, 5.8+), "ringbuf" or "perfbuf";
+        ``ringbuf_bytes`` is the ring buffer size, or the total of the per-CPU perf buffers."""
+        if output not in ("auto", "ringbuf", "perfbuf"):
+            raise ObserverError(f"unknown event output {output!r} (choose auto, ringbuf, perfbuf)")
+        if mode not in ("auto", *MODES):
+            raise ObserverError(f"unknown probe mode {mode!r} (choose auto, {', '.join(MODES)})")
+        pages = ringbuf_bytes // PAGE_SIZE
+        if ringbuf_bytes <= 0 or ringbuf_bytes % PAGE_SIZE or pages & (pages - 1):
+            raise ObserverError(
+                f"ring buffer size {ringbuf_bytes} is not a power-of-two multiple of the page size "
+                f"({PAGE_SIZE})"
+            )
+        self.requested_mode = mode
+        self.facts = facts
+        self.on_event = on_event or (lambda e: None)
+        self.ringbuf_bytes = ringbuf_bytes
+        self.output = output
+        self.mode: str | None = None
+        self.mode_reason = ""
+        self.attachments: list[Attachment] = []
+        self.probe_sets: list[ProbeSet] = []
+        self.perfbuf = False
+        self.startup_s = 0.0
+        self.timings: dict[str, float] = {}  # seconds per start-up phase: select, compile, attach
+        self._bpf: Any = None
+        self._user_counts: dict[CountKey, int] = {}
+        self._user_hist: dict[HistKey, list[int]] = {}
+        self._perf_lost = 0
+        self._observers: list[Callable[[Event], bool]] = []
+        self._cb_error: BaseException | None = None
+        self._ring_cb: Any = None  # keeps the ctypes callback alive
+        self._layout: Any = None  # MemoryLayout for the pfn -> node map
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> ProbeSession:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        if self.facts is None:
+            from observer.kernel.facts import gather
+
+            self.facts = gather()
+        if self.requested_mode == "auto":
+            self.mode, self.mode_reason = select_mode(self.facts)
+        else:
+            self.mode, self.mode_reason = self.requested_mode, "requested"
+        log.info("probe mode %s: %s", self.mode, self.mode_reason)
+        self.timings["select"] = time.monotonic() - t0
+        self.probe_sets = self._make_probe_sets(self.mode)
+        try:
+            t = time.monotonic()
+            self._bpf = self._compile()
+            self.timings["compile"] = time.monotonic() - t
+            t = time.monotonic()
+            for ps in self.probe_sets:
+                self.attachments.extend(ps.attach(self._bpf))
+            self.timings["attach"] = time.monotonic() - t
+            if not any(a.ok for a in self.attachments):
+                failed = "; ".join(f"{a.target}: {a.reason}" for a in self.attachments) or "no targets"
+                raise ObserverError(f"{self.mode} mode: nothing could be attached ({failed})")
+            self._open_output()
+        except BaseException:
+            self.close()
+            raise
+        self._observers = [
+            ps.observe for ps in self.probe_sets if type(ps).observe is not BaseProbeSet.observe
+        ]
+        self.startup_s = time.monotonic() - t0
+
+    def close(self) -> None:
+        for ps in self.probe_sets:
+            ps.close()
+        if self._bpf is not None:
+            bpf, self._bpf = self._bpf, None
+            bpf.cleanup()  # detaches every probe and closes all program/map fds
+
+    # --- building --------------------------------------------------------------------------
+    def _make_probe_sets(self, mode: str) -> list[ProbeSet]:
+        sets: list[ProbeSet] = []
+        for modname in PROBESET_FACTORIES[mode]:
+            try:
+                module = importlib.import_module(modname)
+            except ImportError as e:
+                raise ObserverError(f"{mode} mode is not available in this build ({modname}: {e})") from None
+            sets.extend(module.probe_sets(mode, self.facts))
+        if not sets:
+            raise ObserverError(f"{mode} mode: no probe sets for this kernel")
+        return sets
+
+    def _compile(self) -> Any:
+        from observer.kernel import headers
+
+        headers.apply(headers.find_bcc_headers())
+        from bcc import BPF
+
+        self.perfbuf = self.output == "perfbuf" or (self.output == "auto" and not _has_ringbuf(self.facts))
+        # Inline, not #include: bcc rewrites map calls (m.lookup(), ring/perf output) only in the
+        # program text itself, never in included files.
+        text = "\n".join([(BPF_DIR / "hvo_common.h").read_text(), *(ps.bpf_text() for ps in self.probe_sets)])
+        # -Wno-ignored-attributes: Debian 6.12+ headers' __noendbr (nocf_check) warns under bcc's clang
+        cflags = [f"-I{BPF_DIR}", "-Wno-ignored-attributes", *self._node_cflags()]
+        if self.perfbuf:
+            cflags.append("-DHVO_PERFBUF")
+        else:
+            cflags.append(f"-DHVO_RINGBUF_PAGES={self.ringbuf_bytes // PAGE_SIZE}")
+        for ps in self.probe_sets:
+            cflags.extend(f for f in ps.cflags() if f not in cflags)
+        try:
+            bpf = BPF(text=text.encode(), cflags=cflags)
+        except Exception as e:  # bcc raises bare Exception with the compiler/verifier log on stderr
+            raise ObserverError(f"{self.mode} mode: BPF compile/load failed: {e}") from None
+        self._fill_node_map(bpf)
+        return bpf
+
+    def _node_cflags(self) -> list[str]:
+        self._layout = _memory_layout(self.facts)
+        if self._layout is None or not self._layout.blocks:
+            return []
+        pages_per_block = self._layout.block_size_bytes // PAGE_SIZE
+        shift = pages_per_block.bit_length() - 1
+        nblocks = max(b.index for b in self._layout.blocks) + 1
+        return [f"-DHVO_BLOCK_PFN_SHIFT={shift}", f"-DHVO_NODE_BLOCKS={nblocks}"]
+
+    def _fill_node_map(self, bpf: Any) -> None:
+        if self._layout is None or not self._layout.blocks:
+            return
+        table = bpf[b"hvo_block_node"]
+        for b in self._layout.blocks:
+            if b.node is not None:
+                table[table.Key(b.index)] = table.Leaf(b.node + 1)
+
+    def _open_output(self) -> None:
+        events = self._bpf[b"events"]
+        if self.perfbuf:
+            ncpu = max(os.cpu_count() or 1, 1)
+            per_cpu = max(self.ringbuf_bytes // PAGE_SIZE // ncpu, 1)
+            per_cpu = 1 << (per_cpu.bit_length() - 1)
+            events.open_perf_buffer(self._on_perf, page_cnt=per_cpu, lost_cb=self._on_perf_lost)
+        else:
+            # Our own ctypes callback instead of bcc's open_ring_buffer() wrapper: one Python frame
+            # less per record, and a raising on_event stops the poll (returning < 0 makes libbpf
+            # stop consuming) instead of being printed and ignored by ctypes.
+            from bcc.libbcc import _RINGBUF_CB_TYPE
+
+            self._ring_cb = _RINGBUF_CB_TYPE(self._on_ring)
+            self._bpf._open_ring_buffer(events.map_fd, self._ring_cb, None)
+
+    # --- event path (keep lean: this runs once per record) -----------------------------------
+    def _on_ring(self, ctx: Any, data: Any, size: int) -> int:
+        try:
+            self._dispatch(decode(string_at(data, EVENT_SIZE)))
+        except BaseException as e:  # re-raised by poll()
+            self._cb_error = e
+            return -1
+        return 0
+
+    def _on_perf(self, cpu: int, data: Any, size: int) -> None:
+        if self._cb_error is not None:
+            return  # drop the rest of this poll's records: poll() raises
+        try:
+            self._dispatch(decode(string_at(data, EVENT_SIZE)))
+        except BaseException as e:
+            self._cb_error = e
+
+    def _on_perf_lost(self, count: int) -> None:
+        self._perf_lost += count
+
+    def _dispatch(self, ev: Event) -> None:
+        for observe in self._observers:
+            if not observe(ev):
+                self._count_user(ev, -1)  # retracted candidate: BPF already counted it
+                return
+        self.on_event(ev)
+
+    def poll(self, timeout_ms: int = 100) -> None:
+        """Wait up to ``timeout_ms`` for records, dispatch them, then any due user-space events."""
+        if self._bpf is None:
+            raise ObserverError("probe session is not started")
+        if self.perfbuf:
+            self._bpf.perf_buffer_poll(timeout=timeout_ms)
+        else:
+            self._bpf.ring_buffer_poll(timeout=timeout_ms)
+        if self._cb_error is not None:
+            err, self._cb_error = self._cb_error, None
+            raise err
+        self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        now = time.monotonic_ns()
+        for ps in self.probe_sets:
+            for ev in ps.pending(now):
+                self._count_user(ev, 1)
+                self.on_event(ev)
+
+    def _count_user(self, ev: Event, n: int) -> None:
+        key = (ev.event, ev.order, ev.result)
+        self._user_counts[key] = self._user_counts.get(key, 0) + n
+        if ev.duration_ns:
+            h = self._user_hist.setdefault((ev.event, ev.order), [0] * HIST_BUCKETS)
+            h[min(ev.duration_ns.bit_length() - 1, HIST_BUCKETS - 1)] += n
+
+    # --- aggregates ------------------------------------------------------------------------
+    def aggregates(self) -> Aggregates:
+        if self._bpf is None:
+            raise ObserverError("probe session is not started")
+        counts: dict[CountKey, int] = dict(self._user_counts)
+        raw = _read_percpu_sums(self._bpf[b"counts"])
+        for idx, n in enumerate(raw):
+            if n:
+                ev, rest = divmod(idx, MAX_ORDER * NR_RESULTS)
+                order, res = divmod(rest, NR_RESULTS)
+                if 0 < ev < NR_EVENTS:
+                    key = (EventType(ev), order, Result(res))
+                    counts[key] = counts.get(key, 0) + n
+        hist = {k: list(v) for k, v in self._user_hist.items()}
+        raw = _read_percpu_sums(self._bpf[b"hist"])
+        for idx, n in enumerate(raw):
+            if n:
+                ev, rest = divmod(idx, MAX_ORDER * HIST_BUCKETS)
+                order, bucket = divmod(rest, HIST_BUCKETS)
+                if 0 < ev < NR_EVENTS:
+                    hist.setdefault((EventType(ev), order), [0] * HIST_BUCKETS)[bucket] += n
+        # A failed perf_submit is also reported by the kernel as PERF_RECORD_LOST (self._perf_lost):
+        # the BPF-side count alone is exact for both outputs.
+        lost = _read_percpu_sums(self._bpf[b"lost"])[0]
+        return Aggregates(counts=counts, hist=hist, lost=lost)
+
+
+def _has_ringbuf(facts: KernelFacts) -> bool:
+    v = facts.version
+    return (v.major, v.minor) >= (5, 8)
+
+
+def _memory_layout(facts: KernelFacts) -> Any:
+    from observer.kernel.memory_blocks import read_memory_layout
+
+    try:
+        return read_memory_layout(facts.root)
+    except ObserverError as e:
+        log.warning("no pfn->node map (%s): events carry no node", e)
+        return None
+
+
+def _read_percpu_sums(table: Any) -> list[int]:
+    """Sum a BPF per-CPU array over CPUs, with one BPF_MAP_LOOKUP_BATCH when the kernel has it."""
+    import ctypes
+
+    from bcc.libbcc import lib
+
+    n = table.max_entries
+    ncpu = table.total_cpu
+    keys = (ctypes.c_uint32 * n)()
+    values = (ctypes.c_uint64 * (n * ncpu))()
+    count = ctypes.c_uint32(n)
+    out_batch = ctypes.c_uint32(0)
+    ctypes.set_errno(0)
+    ret = lib.bpf_lookup_batch(table.map_fd, None, ctypes.byref(out_batch), keys, values, ctypes.byref(count))
+    if (ret == 0 or ctypes.get_errno() == errno.ENOENT) and count.value == n:  # ENOENT: reached the end
+        flat = memoryview(values).cast("B").cast("Q")
+        if ncpu == 1:
+            return flat.tolist()
+        return [sum(t) for t in zip(*(flat[c::ncpu] for c in range(ncpu)), strict=True)]
+    return [sum(v.value for v in table[table.Key(i)]) for i in range(n)]
