@@ -114,7 +114,8 @@ def _human(r: dict[str, Any]) -> str:
     if r["memmap"]:
         m = r["memmap"]
         lines.append(f"vmemmap     nr_memmap_pages {m['nr_memmap_pages']}, nr_memmap_boot_pages "
-                     f"{m['nr_memmap_boot_pages']}, baseline {r['memory']['baseline_memmap_pages']}")
+                     f"{m['nr_memmap_boot_pages']}, "
+                     f"baseline {r['memory']['baseline_memmap_pages']}")
     else:
         lines.append("vmemmap     no nr_memmap counters (kernel < 6.11): savings are checked by page counts")
     lines.append("hstates     name        pool  vmemmap/page  freeable/page  eligible")
@@ -122,7 +123,8 @@ def _human(r: dict[str, Any]) -> str:
         # The kernel-wide reason is printed once above; only hstate-specific ones here.
         own = h["reason"] if h["reason"] and h["reason"] != r["hvo_reason"] else ""
         lines.append(f"            {h['name']:<10} {h['nr_hugepages']:>5}  {h['vmemmap_pages']:>12}  "
-                     f"{h['freeable_vmemmap_pages']:>13}  {yes[h['eligible']]}" + (f" ({own})" if own else ""))
+                     f"{h['freeable_vmemmap_pages']:>13}  {yes[h['eligible']]}"
+                     + (f" ({own})" if own else ""))
         lines.extend(f"              note: {n}" for n in h["notes"])
     if r["probes"]:
         lines.append("probes")

@@ -125,7 +125,8 @@ def hvo_support(facts: KernelFacts) -> HvoSupport:
     if sysctl is not None:
         if not sysctl:
             return HvoSupport(True, False, "vm.hugetlb_optimize_vmemmap is 0: pages allocated now are not "
-                                           "optimized (set it to 1; pages already in the pool stay as they are)")
+                                           "optimized (set it to 1; pages already in the pool stay as "
+                                           "they are)")
         return HvoSupport(True, True, "")
     param = facts.boot_params.hugetlb_free_vmemmap
     default_on = enabled(facts.kconfig, "CONFIG_HUGETLB_PAGE_FREE_VMEMMAP_DEFAULT_ON")
@@ -134,7 +135,8 @@ def hvo_support(facts: KernelFacts) -> HvoSupport:
         return HvoSupport(True, False, "HVO is off at boot: add hugetlb_free_vmemmap=on to the kernel "
                                        "command line")
     if facts.memmap_on_memory and facts.version < KernelVersion(5, 19):
-        return HvoSupport(True, False, "memory_hotplug.memmap_on_memory is on: this kernel refuses HVO with it")
+        return HvoSupport(True, False,
+                          "memory_hotplug.memmap_on_memory is on: this kernel refuses HVO with it")
     return HvoSupport(True, True, "")
 
 

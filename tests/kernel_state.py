@@ -2,22 +2,52 @@
 
 from __future__ import annotations
 
+import fcntl
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from observer.kernel import hugepages, sysctl
+
+# Live tests change the same pools: one at a time, across pytest sessions and developers too.
+LOCK = Path("/run/lock/hvo-observer-hugetlb.lock")
+_held = threading.local()
+
+
+@contextmanager
+def _pools_lock() -> Iterator[None]:
+    """The machine-wide pools lock, re-entrant within one thread (flock on a second open file
+    description of the same file would wait for ourselves)."""
+    depth = getattr(_held, "depth", 0)
+    if depth:
+        _held.depth = depth + 1
+        try:
+            yield
+        finally:
+            _held.depth -= 1
+        return
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _held.depth = 1
+        try:
+            yield
+        finally:
+            _held.depth = 0
 
 
 @contextmanager
 def restored_kernel_state() -> Iterator[None]:
     """Snapshot nr_hugepages of every hstate and vm.hugetlb_optimize_vmemmap; put them back on exit,
     whatever happened (shrinking the pool first, then the sysctl, as an operator would)."""
-    pools = {h.name: h.nr_hugepages for h in hugepages.read_hstates()}
-    hvo = sysctl.read_hvo_sysctl()
-    try:
-        yield
-    finally:
-        for name, count in pools.items():
-            hugepages.set_nr_hugepages(name, count)
-        if hvo is not None:
-            sysctl.write_hvo_sysctl(hvo)
+    with _pools_lock():
+        pools = {h.name: h.nr_hugepages for h in hugepages.read_hstates()}
+        hvo = sysctl.read_hvo_sysctl()
+        try:
+            yield
+        finally:
+            for name, count in pools.items():
+                hugepages.set_nr_hugepages(name, count)
+            if hvo is not None:
+                sysctl.write_hvo_sysctl(hvo)

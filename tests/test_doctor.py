@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,17 +22,18 @@ def test_doctor_json_reports_this_machine() -> None:
     r = _doctor("--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    assert report["kernel"] == open("/proc/sys/kernel/osrelease").read().strip()
+    assert report["kernel"] == Path("/proc/sys/kernel/osrelease").read_text().strip()
     modes = report["modes"]
     assert modes["tracepoint"] == {"available": True, "reason": ""}
     assert not modes["kprobe"]["available"] and "without kprobes" in modes["kprobe"]["reason"]
     assert not modes["fentry"]["available"] and "refuses to load" in modes["fentry"]["reason"]
     assert report["best_mode"] == "tracepoint"
     assert report["memmap_counters"] is True
-    assert report["hvo_enabled"] == (open("/proc/sys/vm/hugetlb_optimize_vmemmap").read().strip() == "1")
+    assert report["hvo_enabled"] == (Path("/proc/sys/vm/hugetlb_optimize_vmemmap").read_text().strip() == "1")
     by_name = {h["name"]: h for h in report["hstates"]}
     assert (by_name["2048kB"]["vmemmap_pages"], by_name["2048kB"]["freeable_vmemmap_pages"]) == (8, 7)
-    assert (by_name["1048576kB"]["vmemmap_pages"], by_name["1048576kB"]["freeable_vmemmap_pages"]) == (4096, 4095)
+    g1 = by_name["1048576kB"]
+    assert (g1["vmemmap_pages"], g1["freeable_vmemmap_pages"]) == (4096, 4095)
     pools = {h.name: h.nr_hugepages for h in hugepages.read_hstates()}
     for name, h in by_name.items():
         assert h["size_bytes"] == int(name[:-2]) * 1024 and h["nr_hugepages"] == pools[name]

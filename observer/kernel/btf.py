@@ -96,7 +96,7 @@ class Btf:
         return None if bits is None else bits // 8
 
     def _member_bits(self, type_id: int, member: str) -> int | None:
-        kind, _, vlen, kind_flag, _, extra = self._types[type_id]
+        _, _, vlen, kind_flag, _, extra = self._types[type_id]
         anonymous = []
         for i in range(vlen):
             name_off, mtype, offset = _MEMBER.unpack_from(self._data, extra + i * 12)
@@ -157,7 +157,7 @@ class Btf:
 
     def enum_value(self, enum_name: str | None, member: str) -> int | None:
         """The value of an enumerator; ``enum_name`` None searches every enum."""
-        for type_id, (kind, name_off, vlen, _, _, extra) in enumerate(self._types):
+        for kind, name_off, vlen, _, _, extra in self._types:
             if kind != ENUM or (enum_name is not None and (not name_off or self._str(name_off) != enum_name)):
                 continue
             for i in range(vlen):

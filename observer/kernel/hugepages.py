@@ -109,4 +109,5 @@ def by_name(hstates: list[Hstate], name: str) -> Hstate:
     for h in hstates:
         if h.name == name:
             return h
-    raise KernelFactError(f"no hstate {name!r}; this kernel has {', '.join(h.name for h in hstates) or 'none'}")
+    have = ", ".join(h.name for h in hstates) or "none"
+    raise KernelFactError(f"no hstate {name!r}; this kernel has {have}")

@@ -17,8 +17,11 @@ _DEBUGFS_TRACING = "/sys/kernel/debug/tracing"
 def tracefs_dir(root: Path = ROOT) -> Path | None:
     for candidate in (TRACEFS, _DEBUGFS_TRACING):
         path = under(root, candidate)
-        if (path / "events").is_dir():
-            return path
+        try:
+            if (path / "events").is_dir():
+                return path
+        except PermissionError:
+            raise KernelFactError(f"cannot read {path}: permission denied (run as root)") from None
     return None
 
 
@@ -28,8 +31,8 @@ def ensure_tracefs(root: Path = ROOT) -> Path:
     if found is not None:
         return found
     if root == ROOT:
-        r = subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], capture_output=True, text=True,
-                           check=False)
+        r = subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], capture_output=True,
+                           text=True, check=False)
         found = tracefs_dir(root)
         if found is not None:
             return found
@@ -50,8 +53,9 @@ def event_format(system: str, name: str, root: Path = ROOT) -> str:
 # One flag per entry: {( unsigned long)(( gfp_t)((((1UL))) << (18))), "__GFP_COMP"}  (6.10+)
 #                 or: {(unsigned long)((__force gfp_t)0x40000u), "__GFP_COMP"}       (older)
 _FLAG = re.compile(r"\{\s*\(\s*unsigned long\s*\)(?P<expr>[^{}]*?),\s*\"(?P<name>__GFP_\w+)\"\s*\}")
-_SHIFT = re.compile(r"^[\s(]*(?:\(\s*(?:__force\s+)?gfp_t\s*\)\s*)?[\s(]*1UL[\s)]*<<\s*\(?\s*(\d+)\s*\)?[\s)]*$")
-_HEX = re.compile(r"^[\s(]*(?:\(\s*(?:__force\s+)?gfp_t\s*\)\s*)?(0x[0-9a-fA-F]+|\d+)u?[\s)]*$")
+_CAST = r"^[\s(]*(?:\(\s*(?:__force\s+)?gfp_t\s*\)\s*)?"
+_SHIFT = re.compile(_CAST + r"[\s(]*1UL[\s)]*<<\s*\(?\s*(\d+)\s*\)?[\s)]*$")
+_HEX = re.compile(_CAST + r"(0x[0-9a-fA-F]+|\d+)u?[\s)]*$")
 
 
 def gfp_flags(format_text: str) -> dict[str, int]:

@@ -1,0 +1,1 @@
+"""Exporters: turn the reconciliation model's view into other systems' formats."""

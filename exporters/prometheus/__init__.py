@@ -1,0 +1,1 @@
+"""Prometheus exporter (collector.py) plus the rules and dashboards shipped beside it."""

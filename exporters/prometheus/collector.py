@@ -1,0 +1,207 @@
+"""The Prometheus collector: every family is computed from ONE model view taken at scrape time, so
+a scrape is a consistent picture (pools, optimized pages, savings and drift from the same moment).
+
+``registry(view)`` builds a registry holding only this collector and the process metrics.
+Metric names and help texts are listed in METRICS (the README's table is generated from it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+from observer.model import ModelView
+from observer.probes.events import EventType, Result
+
+METRICS: dict[str, str] = {
+    "hvo_build_info": "hvo-observer version, running kernel and probe mode (value 1).",
+    "hvo_hvo_enabled": "1 when huge pages allocated now get HVO (vm.hugetlb_optimize_vmemmap, or the boot "
+                       "setting on kernels without the sysctl), else 0.",
+    "hvo_mode_degraded": "1 when the daemon runs in a worse probe mode than the kernel allows or some probe "
+                         "is not attached, else 0.",
+    "hvo_probe_attached": "1 when the probe is attached, 0 when attaching it failed.",
+    "hvo_hugepages": "Huge pages in the pool (nr_hugepages, surplus pages included).",
+    "hvo_hugepages_free": "Free huge pages in the pool (free_hugepages).",
+    "hvo_hugepages_surplus": "Surplus huge pages in the pool (surplus_hugepages).",
+    "hvo_optimized_hugepages": "Huge pages whose vmemmap is optimized (HVO applied) right now.",
+    "hvo_vmemmap_freeable_pages": "vmemmap pages HVO frees per huge page of this hstate "
+                                  "(the kernel's nr_free_vmemmap_pages).",
+    "hvo_vmemmap_saved_bytes": "vmemmap memory HVO saves now. source=expected: optimized pages x freeable "
+                               "pages (total, and per hstate/node); source=kernel: online memory's vmemmap "
+                               "minus nr_memmap_pages + nr_memmap_boot_pages (6.11+, global only).",
+    "hvo_memmap_pages": "The kernel's vmemmap counters from /proc/vmstat (6.11+).",
+    "hvo_memmap_unoptimized_pages": "vmemmap pages the online memory would use with nothing optimized "
+                                    "(online sections x vmemmap pages per section).",
+    "hvo_reconcile_drift_bytes": "Expected minus kernel saved bytes at the last quiet moment (no event and "
+                                 "no counter change for the settle window); 0 when the model is right.",
+    "hvo_reconcile_pending_drift_bytes": "Expected minus kernel saved bytes right now; may be non-zero "
+                                         "while operations are in flight.",
+    "hvo_reconcile_settled": "1 when the kernel has been quiet for the settle window and drift is current.",
+    "hvo_reconcile_settle_window_seconds": "Quiet time required before drift is evaluated.",
+    "hvo_reconcile_byte_truth": "1 when the kernel counts its vmemmap (6.11+) so savings can be checked in "
+                                "bytes, 0 when only page counts can be reconciled.",
+    "hvo_reconcile_inconsistent": "1 when the event-derived counts were impossible at the last quiet moment "
+                                  "(and could not be resynced), else 0.",
+    "hvo_baseline_exact": "1 when the start-up/resync baseline is the only split consistent with the "
+                          "kernel's counters, 0 when a rule had to choose (see hvo-observer explain).",
+    "hvo_events_total": "HVO events seen (in-kernel counts, exact even when records are lost; inferred "
+                        "events included in tracepoint mode).",
+    "hvo_events_lost_total": "Event records the ring/perf buffer could not take (a loss triggers a resync "
+                             "at the next quiet moment).",
+    "hvo_resyncs_total": "Times the optimized counts were recomputed from the kernel's counters.",
+    "hvo_operation_duration_seconds": "Duration of HVO operations, from the in-kernel log2 histogram "
+                                      "(bucket bounds are powers of two nanoseconds, 2^10 to 2^36 ns; the "
+                                      "sum is estimated from bucket midpoints).",
+}
+
+# Exported bucket bounds: 2**10 ns (~1 us) .. 2**36 ns (~69 s), then +Inf. Smaller durations fall into
+# the first bucket. A fixed set keeps every series' buckets stable for histogram_quantile().
+_FIRST_BOUND_LOG2, _LAST_BOUND_LOG2 = 10, 36
+_ZERO_SERIES = ((EventType.OPTIMIZE, (Result.OK, Result.ERROR, Result.SKIPPED)),
+                (EventType.RESTORE, (Result.OK, Result.ERROR, Result.SKIPPED)),
+                (EventType.POOL_ALLOC, (Result.OK,)), (EventType.POOL_FREE, (Result.OK,)))
+
+
+def _gauge(name: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, METRICS[name], labels=labels)
+
+
+def histogram_buckets(counts: list[int]) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative Prometheus buckets and an estimated sum (seconds) from 64 log2(ns) buckets, where
+    bucket i holds durations in [2**i, 2**(i+1)) ns."""
+    buckets: list[tuple[str, float]] = []
+    cumulative = 0
+    total_ns = 0.0
+    for i, n in enumerate(counts):
+        total_ns += n * (1.0 if i == 0 else 1.5 * (1 << i))
+    for bound in range(_FIRST_BOUND_LOG2, _LAST_BOUND_LOG2 + 1):
+        # le = 2**bound ns holds buckets i < bound
+        cumulative = sum(counts[:bound])
+        buckets.append((repr((1 << bound) / 1e9), float(cumulative)))
+    buckets.append(("+Inf", float(sum(counts))))
+    return buckets, total_ns / 1e9
+
+
+class HvoCollector(Collector):
+    def __init__(self, view: Callable[[], ModelView]) -> None:
+        self._view = view
+
+    def describe(self) -> list[Metric]:
+        return []  # computed at scrape time only; registering must not take a view
+
+    def collect(self) -> Iterator[Metric]:
+        v = self._view()
+        rt = v.runtime
+        order_name = {s.order: s.name for s in v.hstates}
+
+        def hstate(order: int) -> str:
+            return order_name.get(order) or f"{(v.page_size << order) // 1024}kB"
+
+        g = _gauge("hvo_build_info", ["version", "kernel", "mode"])
+        g.add_metric([rt.version, rt.kernel, rt.mode], 1)
+        yield g
+        if v.hvo_enabled is not None or v.hstates:
+            g = _gauge("hvo_hvo_enabled")
+            enabled = v.hvo_enabled if v.hvo_enabled is not None else any(s.eligible for s in v.hstates)
+            g.add_metric([], int(enabled))
+            yield g
+        g = _gauge("hvo_mode_degraded")
+        g.add_metric([], int(rt.degraded))
+        yield g
+        g = _gauge("hvo_probe_attached", ["probe", "event", "mode"])
+        for p in rt.probes:
+            g.add_metric([p.probe, p.event, p.mode], int(p.attached))
+        yield g
+
+        pools = _gauge("hvo_hugepages", ["hstate", "node"])
+        free = _gauge("hvo_hugepages_free", ["hstate", "node"])
+        surplus = _gauge("hvo_hugepages_surplus", ["hstate", "node"])
+        optimized = _gauge("hvo_optimized_hugepages", ["hstate", "node"])
+        for p in v.pools:
+            labels = [p.hstate, str(p.node)]
+            pools.add_metric(labels, p.pages)
+            free.add_metric(labels, p.free)
+            surplus.add_metric(labels, p.surplus)
+            optimized.add_metric(labels, p.optimized)
+        yield from (pools, free, surplus, optimized)
+
+        g = _gauge("hvo_vmemmap_freeable_pages", ["hstate"])
+        for s in v.hstates:
+            g.add_metric([s.name], s.freeable_pages)
+        yield g
+
+        # Totals carry only `source`; the per-hstate/node breakdown of "expected" adds hstate and node,
+        # so rules select one or the other with hstate="" / hstate!="".
+        saved = Metric("hvo_vmemmap_saved_bytes", METRICS["hvo_vmemmap_saved_bytes"], "gauge")
+        name = "hvo_vmemmap_saved_bytes"
+        saved.samples.append(Sample(name, {"source": "expected"}, v.expected_saved_pages * v.page_size))
+        if v.kernel_saved_pages is not None:
+            saved.samples.append(Sample(name, {"source": "kernel"}, v.kernel_saved_pages * v.page_size))
+        freeable = {s.name: s.freeable_pages for s in v.hstates}
+        for p in v.pools:
+            saved.samples.append(Sample(name, {"source": "expected", "hstate": p.hstate, "node": str(p.node)},
+                                        p.optimized * freeable.get(p.hstate, 0) * v.page_size))
+        yield saved
+
+        if v.memmap_counters is not None:
+            g = _gauge("hvo_memmap_pages", ["counter"])
+            g.add_metric(["nr_memmap_pages"], v.memmap_counters[0])
+            g.add_metric(["nr_memmap_boot_pages"], v.memmap_counters[1])
+            yield g
+        if v.full_memmap_pages is not None:
+            g = _gauge("hvo_memmap_unoptimized_pages")
+            g.add_metric([], v.full_memmap_pages)
+            yield g
+
+        if v.drift_bytes is not None:
+            g = _gauge("hvo_reconcile_drift_bytes")
+            g.add_metric([], v.drift_bytes)
+            yield g
+        if v.pending_drift_bytes is not None:
+            g = _gauge("hvo_reconcile_pending_drift_bytes")
+            g.add_metric([], v.pending_drift_bytes)
+            yield g
+        for metric, value in (("hvo_reconcile_settled", int(v.settled)),
+                              ("hvo_reconcile_settle_window_seconds", v.settle_seconds),
+                              ("hvo_reconcile_byte_truth", int(v.byte_truth)),
+                              ("hvo_reconcile_inconsistent", int(bool(v.inconsistent))),
+                              ("hvo_baseline_exact", int(bool(v.baseline and v.baseline.exact)))):
+            g = _gauge(metric)
+            g.add_metric([], value)
+            yield g
+
+        c = CounterMetricFamily("hvo_events", METRICS["hvo_events_total"],
+                                labels=["event", "hstate", "result"])
+        counts = dict(v.counts)
+        for s in v.hstates:
+            for ev, results in _ZERO_SERIES:
+                for res in results:
+                    counts.setdefault((ev, s.order, res), 0)
+        for (ev, order, res), n in sorted(counts.items()):
+            c.add_metric([ev.label, hstate(order), res.label], n)
+        yield c
+        c = CounterMetricFamily("hvo_events_lost", METRICS["hvo_events_lost_total"])
+        c.add_metric([], v.events_lost)
+        yield c
+        c = CounterMetricFamily("hvo_resyncs", METRICS["hvo_resyncs_total"])
+        c.add_metric([], v.resyncs)
+        yield c
+
+        h = HistogramMetricFamily("hvo_operation_duration_seconds", METRICS["hvo_operation_duration_seconds"],
+                                  labels=["op", "hstate"])
+        for (ev, order), buckets in sorted(v.hist.items()):
+            cumulative, total = histogram_buckets(buckets)
+            h.add_metric([ev.label, hstate(order)], cumulative, total)
+        yield h
+
+
+def registry(view: Callable[[], ModelView], process: bool = True) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(HvoCollector(view))
+    if process:
+        ProcessCollector(registry=reg)
+    return reg

@@ -1,0 +1,307 @@
+"""``hvo-observer run``: probes -> reconciliation model -> /metrics and the JSON API.
+
+Start-up: read the kernel facts, bind the HTTP port (so a busy port fails fast), compile and attach
+the probes, take the baseline from the kernel's counters, then tell systemd READY=1. The main loop
+polls the probes (events go to the model and the event ring), takes a kernel snapshot every
+``SNAPSHOT_INTERVAL_S`` (the model decides when the kernel is quiet and reconciles), feeds the
+systemd watchdog and handles signals: SIGHUP re-reads the config file (a bad file keeps the running
+configuration), SIGTERM/SIGINT stop within ``POLL_MS`` plus the time to detach the probes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from observer import __version__, config, logsetup, sd_notify
+from observer.config import Config
+from observer.errors import ObserverError
+from observer.eventlog import EventLog
+from observer.model import HstateSpec, Model, ProbeState, Runtime
+from observer.probes.events import Event
+from observer.report import view_to_json
+
+log = logging.getLogger("hvo-observer")
+
+POLL_MS = 100
+SNAPSHOT_INTERVAL_S = 0.2
+AGGREGATES_INTERVAL_S = 2.0
+LAYOUT_INTERVAL_S = 30.0
+STALL_S = 5.0  # /healthz fails when the main loop has not turned for this long
+MODE_RANK = {"fentry": 0, "kprobe": 1, "tracepoint": 2}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="TOML file whose keys are these flags' names (flags override it); re-read on SIGHUP")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help=f"address of /metrics and the JSON API (default 127.0.0.1:{config.DEFAULT_PORT})")
+    p.add_argument("--mode", metavar="MODE", help="auto (default), fentry, kprobe or tracepoint")
+    p.add_argument("--settle-seconds", type=float, metavar="S",
+                   help="quiet time (no event, no counter change) before drift is evaluated (default 1)")
+    p.add_argument("--ring-buffer-bytes", type=int, metavar="N",
+                   help="BPF ring buffer size, a power-of-two number of pages (default 4194304)")
+    p.add_argument("--log-level", metavar="LEVEL", help="debug, info (default), warning or error")
+    p.add_argument("--recent-events", type=int, metavar="N",
+                   help="events kept for /api/v1/events (default 4096)")
+    p.add_argument("--max-clients", type=int, metavar="N", help="concurrent HTTP connections (default 16)")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {k: getattr(args, k, None) for k in config.KEYS}
+    cfg = config.resolve(args.config, overrides)
+    logsetup.setup(cfg.log_level)
+    try:
+        return Daemon(cfg, args.config, overrides).serve()
+    except ObserverError:
+        raise  # one line from the CLI
+    except Exception:  # a bug: one log record (traceback folded into it), then a failure exit
+        log.exception("unexpected error, exiting")
+        return 1
+
+
+class Daemon:
+    def __init__(self, cfg: Config, config_path: Path | None, overrides: dict[str, object]) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.overrides = overrides
+        self.events = EventLog(cfg.recent_events)
+        self.model: Model | None = None
+        self.registry: Any = None
+        self.session: Any = None
+        self.server: Any = None
+        self._facts: Any = None
+        self._reader: Any = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._reload = False
+        self._last_tick = time.monotonic()
+
+    # --- Backend for the HTTP server -------------------------------------------------------
+    def health(self) -> tuple[bool, str]:
+        if self._stop.is_set():
+            return False, "stopping"
+        if not self._ready.is_set():
+            return False, "starting: attaching probes and taking the baseline"
+        stalled = time.monotonic() - self._last_tick
+        if stalled > STALL_S:
+            return False, f"main loop stalled for {stalled:.0f} s"
+        return True, "ok"
+
+    def status(self) -> dict[str, Any]:
+        if self.model is None:
+            return {"version": __version__, "ready": False}
+        return {**view_to_json(self.model.view()), "ready": self._ready.is_set(),
+                "listen": self.server.listen}
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def serve(self) -> int:
+        self._install_signals()
+        keepalive = threading.Thread(target=self._startup_watchdog, name="startup-watchdog", daemon=True)
+        keepalive.start()
+        try:
+            self._start()
+            if not self._stop.is_set():  # SIGTERM while compiling: never claim readiness
+                self._ready.set()
+                sd_notify.notify("READY=1", f"STATUS={self._status_line()}")
+                log.info("ready: %s", self._status_line())
+                self._loop()
+        finally:
+            sd_notify.notify("STOPPING=1")
+            self._stop.set()
+            self._shutdown()
+        log.info("stopped")
+        return 0
+
+    def _install_signals(self) -> None:
+        def stop(signum: int, frame: FrameType | None) -> None:
+            self._stop.set()
+
+        def reload(signum: int, frame: FrameType | None) -> None:
+            self._reload = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def _start(self) -> None:
+        from exporters.prometheus.collector import registry
+        from observer.geometry import geometry_for
+        from observer.kernel.facts import gather
+        from observer.snapshot import SnapshotReader
+
+        self._facts = facts = gather()
+        geometry = geometry_for(facts)
+        specs = {name: HstateSpec(name, g.order, g.freeable_vmemmap_pages, g.eligible)
+                 for name, g in geometry.items()}
+        self.model = Model(specs, facts.page_size, self.cfg.settle_seconds)
+        self.registry = registry(self.model.view)
+        self.server = self._bind(self.cfg)
+        self.server.start()
+        log.info("listening on %s (/metrics, /healthz, /api/v1)", self.server.listen)
+        self._reader = SnapshotReader(facts.root, facts.page_size, facts.struct_page_size or 64)
+        self.session = self._start_session(self.cfg)
+        if self._stop.is_set():
+            return
+        snap = self._reader.read()
+        info = self.model.take_baseline(snap, self.session.aggregates())
+        view = self.model.view()
+        pools = ", ".join(f"{h} {view.optimized(h)}/{snap.pool_pages(h)} optimized" for h in specs)
+        log.info("baseline: %s (%s)", pools or "no hstates",
+                 "exact" if info.exact else f"not exact: {info.note}")
+
+    def _bind(self, cfg: Config) -> Any:
+        from observer.http_api import ApiServer
+
+        try:
+            return ApiServer(cfg.address, self, cfg.max_clients)
+        except OSError as e:
+            raise ObserverError(f"cannot listen on {cfg.listen}: {e.strerror or e}") from None
+
+    def _start_session(self, cfg: Config) -> Any:
+        from observer.probes.session import ProbeSession, select_mode
+
+        session = ProbeSession(cfg.mode, self._facts, self._on_event, cfg.ring_buffer_bytes)
+        failed = True
+        with logsetup.captured_stderr() as compiler_output:
+            try:
+                session.start()
+                failed = False
+            finally:
+                lines = [line.strip() for line in compiler_output if line.strip()]
+                if lines:  # warnings are routine; the verifier's log matters when loading failed
+                    log.log(logging.WARNING if failed else logging.DEBUG,
+                            "bcc/clang output while loading the probes: %s", " | ".join(lines))
+        degraded = any(not a.ok for a in session.attachments)
+        if cfg.mode != "auto" and not degraded:
+            try:
+                with logsetup.captured_stderr():  # the trial loads of better modes may print verifier logs
+                    best, _ = select_mode(self._facts)
+                degraded = MODE_RANK[session.mode] > MODE_RANK[best]
+            except ObserverError as e:
+                log.info("could not tell the best mode for this kernel (%s)", e)
+        probes = tuple(ProbeState(a.target, a.event.label, a.mode, a.ok, a.reason)
+                       for a in session.attachments)
+        for p in probes:
+            if not p.attached:
+                log.warning("probe %s (%s) not attached: %s", p.probe, p.event, p.reason)
+        assert self.model is not None
+        self.model.set_runtime(Runtime(__version__, self._facts.release, session.mode, session.mode_reason,
+                                       degraded, probes))
+        log.info("probes: mode %s, %d/%d attached in %.1f s%s", session.mode, sum(p.attached for p in probes),
+                 len(probes), session.startup_s, " (degraded)" if degraded else "")
+        return session
+
+    def _on_event(self, ev: Event) -> None:
+        assert self.model is not None
+        self.model.on_event(ev)
+        record = ev.to_json()
+        record["hstate"] = self.model.hstate_of_order(ev.order)
+        record["unix_time"] = round(time.time() - (time.monotonic_ns() - ev.ts_ns) / 1e9, 6)
+        self.events.append(record)
+
+    def _loop(self) -> None:
+        assert self.model is not None
+        watchdog = sd_notify.watchdog_seconds()
+        next_snap = next_agg = next_wd = 0.0
+        agg_ns = 0
+        next_layout = time.monotonic() + LAYOUT_INTERVAL_S
+        while not self._stop.is_set():
+            self.session.poll(POLL_MS)
+            now = time.monotonic()
+            self._last_tick = now
+            if now >= next_layout:
+                self._reader.refresh_layout()
+                next_layout = now + LAYOUT_INTERVAL_S
+            if now >= next_snap:
+                agg = None
+                # Reading the per-CPU aggregates costs tens of ms: every AGGREGATES_INTERVAL_S, and once
+                # more right before a quiet moment is evaluated, so a loss is never judged on stale data.
+                due, quiet_since = self.model.settle_due()
+                if now >= next_agg or (due and agg_ns < quiet_since):
+                    agg, agg_ns = self.session.aggregates(), time.monotonic_ns()
+                    next_agg = now + AGGREGATES_INTERVAL_S
+                self.model.observe(self._reader.read(), agg)
+                next_snap = now + SNAPSHOT_INTERVAL_S
+            if watchdog and now >= next_wd:
+                sd_notify.notify("WATCHDOG=1")
+                next_wd = now + watchdog / 2
+            if self._reload:
+                self._reload = False
+                self._do_reload()
+
+    def _startup_watchdog(self) -> None:
+        """Keep systemd's watchdog fed while compiling/attaching (one blocking call); the main loop
+        takes over at READY, so a hung loop is still caught."""
+        watchdog = sd_notify.watchdog_seconds()
+        while watchdog and not self._ready.wait(watchdog / 2) and not self._stop.is_set():
+            sd_notify.notify("WATCHDOG=1")
+
+    def _shutdown(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if self.session is not None:
+            self.session.close()
+
+    # --- SIGHUP ----------------------------------------------------------------------------
+    def _do_reload(self) -> None:
+        sd_notify.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            self._apply(config.resolve(self.config_path, self.overrides))
+        except ObserverError as e:
+            log.error("reload failed, keeping the running configuration: %s", e)
+        finally:
+            sd_notify.notify("READY=1", f"STATUS={self._status_line()}")
+
+    def _apply(self, new: Config) -> None:
+        old = self.cfg
+        if new == old:
+            log.info("reload: configuration unchanged")
+            return
+        assert self.model is not None
+        changed = [k for k in config.KEYS if getattr(new, k) != getattr(old, k)]
+        server = None
+        if new.listen != old.listen or new.max_clients != old.max_clients:
+            server = self._bind(new)  # raises, keeping the old server, when the new address is busy
+        if new.mode != old.mode or new.ring_buffer_bytes != old.ring_buffer_bytes:
+            try:
+                self._restart_session(old, new)
+            except ObserverError:
+                if server is not None:
+                    server.server_close()
+                raise
+        if server is not None:
+            server.start()
+            self.server.stop()
+            self.server = server
+            log.info("listening on %s", server.listen)
+        logsetup.set_level(new.log_level)
+        self.model.set_settle_seconds(new.settle_seconds)
+        self.events.resize(new.recent_events)
+        self.cfg = new
+        log.info("reload: applied %s", ", ".join(f"{k}={getattr(new, k)!r}" for k in changed))
+
+    def _restart_session(self, old: Config, new: Config) -> None:
+        assert self.model is not None
+        self.session.close()
+        self.model.session_restarted()
+        try:
+            self.session = self._start_session(new)
+        except ObserverError as e:
+            log.error("reload: cannot start probes in %s mode (%s); back to %s", new.mode, e, old.mode)
+            self.session = self._start_session(old)  # if this fails too, the daemon exits with the reason
+            raise ObserverError(f"probes for mode {new.mode!r} failed to start") from None
+
+    def _status_line(self) -> str:
+        if self.model is None or self.session is None:
+            return "starting"
+        v = self.model.view()
+        opt = ", ".join(f"{s.name} {v.optimized(s.name)}/{v.pool_pages(s.name)}" for s in v.hstates)
+        return f"mode {v.runtime.mode}, optimized {opt or 'none'}, listening on {self.server.listen}"
+

@@ -1,0 +1,298 @@
+"""The daemon as a subprocess, for live tests: run it as the systemd unit does, scrape it, compare it
+with the kernel, and see what kernel objects it holds.
+
+Shared by tests/test_daemon_live.py, tests/test_cli_live.py, tests/test_faults_*.py and
+tests/test_http_abuse.py (moved here from test_daemon_live.py). Waiting loops have generous limits
+that only turn a hang into a failure message; nothing asserts on time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from observer.kernel import hugepages, memory_blocks, sysctl, tracefs, vmstat
+from tests import kernel_state
+
+REPO = Path(__file__).resolve().parents[1]
+H2M, H1G = "2048kB", "1048576kB"
+FREE = {H2M: 7, H1G: 4095}
+PAGE = 4096
+# Live tests change the same pools: run one at a time, across pytest sessions too.
+LOCK = Path("/run/lock/hvo-observer-hugetlb.lock")
+WAIT_S = 120.0
+# The unit's privileges: root with only CAP_BPF and CAP_PERFMON (so no CAP_DAC_OVERRIDE either).
+UNIT_PRIVILEGES = ("setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all,+bpf,+perfmon", "--")
+
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+def skip_unless_possible() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (BPF, pool sizes, sysctl)")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        pytest.skip("bcc (Debian's python3-bpfcc) is not importable: run scripts/setup")
+    names = {h.name for h in hugepages.read_hstates()}
+    if not {H2M, H1G} <= names:
+        pytest.skip(f"this kernel lacks the 2 MiB or 1 GiB hstate (has {sorted(names)})")
+    if sysctl.read_hvo_sysctl() is None:
+        pytest.skip("this kernel has no vm.hugetlb_optimize_vmemmap")
+    if vmstat.read_memmap_counters() is None:
+        pytest.skip("this kernel has no nr_memmap counters (< 6.11): no byte truth to compare with")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is missing: cannot run the daemon with the unit's capabilities")
+
+
+@contextmanager
+def exclusive_pools() -> Iterator[None]:
+    """Wait for other live tests that take the same lock (unless kernel_state takes it itself)."""
+    if hasattr(kernel_state, "LOCK"):
+        yield
+        return
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextmanager
+def empty_pools() -> Iterator[None]:
+    """Exclusive use of the pools, both emptied; pools and sysctl restored afterwards."""
+    skip_unless_possible()
+    tracefs.ensure_tracefs()  # what sys-kernel-tracing.mount does for the unit (the daemon may not mount)
+    with exclusive_pools(), kernel_state.restored_kernel_state():
+        hugepages.set_nr_hugepages(H2M, 0)
+        hugepages.set_nr_hugepages(H1G, 0)
+        yield
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Daemon:
+    """``python -m observer run`` with the unit's capabilities, on a free loopback port.
+
+    ``launcher`` replaces ``-m observer`` (e.g. a test wrapper that extends the probe sets);
+    ``wrapper`` goes before everything (e.g. ``unshare -m ...``).
+    """
+
+    def __init__(self, tmp: Path, *extra: str, env: dict[str, str] | None = None, mode: str = "tracepoint",
+                 launcher: Sequence[str] = ("-m", "observer"), wrapper: Sequence[str] = ()) -> None:
+        self.port = free_port()
+        self.log_path = tmp / f"daemon-{self.port}.log"
+        cmd = [*wrapper, *UNIT_PRIVILEGES, sys.executable, *launcher, "run", "--mode", mode,
+               "--listen", f"127.0.0.1:{self.port}", *extra]
+        self.log = self.log_path.open("w")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def get(self, path: str, timeout: float = 10) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url(path), timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"daemon exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if self.get("/healthz")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"daemon not healthy after {WAIT_S:.0f} s:\n{self.output()}")
+
+    def scrape(self) -> Samples:
+        status, body = self.get("/metrics")
+        assert status == 200, body
+        return parse_metrics(body)
+
+    def status(self) -> dict[str, object]:
+        return json.loads(self.get("/api/v1/status")[1])
+
+    def events_delivered(self) -> int:
+        """Sequence number of the newest event in the daemon's log: every event it was handed."""
+        return int(json.loads(self.get("/api/v1/events?since=1000000000000000000&limit=0")[1])["next"])
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            self.log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+    def output(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text()[-4000:]
+
+    def full_output(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text()
+
+
+@contextmanager
+def daemon(tmp: Path, *extra: str, env: dict[str, str] | None = None, **kw: object) -> Iterator[Daemon]:
+    d = Daemon(tmp, *extra, env=env, **kw)  # type: ignore[arg-type]
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(timeout=30)
+
+
+def parse_metrics(body: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return samples
+
+
+def one(m: Samples, name: str, **labels: str) -> float:
+    return m[name][tuple(sorted(labels.items()))]
+
+
+def kernel_saved_pages() -> int:
+    layout = memory_blocks.read_memory_layout()
+    full = layout.online_bytes // PAGE * 64 // PAGE
+    counters = vmstat.read_memmap_counters()
+    assert counters is not None
+    return full - counters.total
+
+
+def settled(d: Daemon) -> Samples:
+    """Metrics from a quiet moment after everything the test did: the daemon reports
+    hvo_reconcile_settled 1 *and* its pool sizes and vmemmap counters equal the kernel's now."""
+    deadline = time.monotonic() + WAIT_S
+    m: Samples = {}
+    while time.monotonic() < deadline:
+        m = d.scrape()
+        counters = vmstat.read_memmap_counters()
+        assert counters is not None
+        pools = {h.name: h.nr_hugepages for h in hugepages.read_hstates()}
+        if (one(m, "hvo_reconcile_settled") == 1
+                and one(m, "hvo_memmap_pages", counter="nr_memmap_pages") == counters.memmap_pages
+                and one(m, "hvo_memmap_pages", counter="nr_memmap_boot_pages") == counters.memmap_boot_pages
+                and all(one(m, "hvo_hugepages", hstate=h, node="0") == pools[h] for h in (H2M, H1G))):
+            return m
+        time.sleep(0.2)
+    pytest.fail(f"the daemon never reported a quiet moment matching the kernel: {m}\n{d.output()}")
+
+
+def check_exact(m: Samples, pages: dict[str, int], optimized: dict[str, int], step: str) -> None:
+    saved = sum(optimized[h] * FREE[h] for h in (H2M, H1G))
+    assert kernel_saved_pages() == saved, f"{step}: the kernel did not do what the test expects"
+    for h in (H2M, H1G):
+        assert one(m, "hvo_hugepages", hstate=h, node="0") == pages[h], step
+        assert one(m, "hvo_optimized_hugepages", hstate=h, node="0") == optimized[h], f"{step}: {h}"
+    assert one(m, "hvo_vmemmap_saved_bytes", source="kernel") == saved * PAGE, step
+    assert one(m, "hvo_vmemmap_saved_bytes", source="expected") == saved * PAGE, step
+    assert one(m, "hvo_reconcile_drift_bytes") == 0, step
+
+
+def set_pool(name: str, count: int) -> None:
+    got = hugepages.set_nr_hugepages(name, count)
+    if got != count:
+        pytest.skip(f"the kernel gave {got} of {count} {name} pages (memory fragmented): "
+                    "cannot run the steps")
+
+
+def total_events(m: Samples) -> int:
+    return int(sum(m.get("hvo_events_total", {}).values()))
+
+
+# --- kernel objects a process holds -------------------------------------------------------------
+
+_FDINFO_ID = re.compile(r"^(prog_id|map_id|link_id):\s+(\d+)$", re.M)
+
+
+def held_bpf_ids(pid: int) -> dict[str, set[int]]:
+    """BPF programs, maps and links the process ``pid`` holds file descriptors of (/proc/PID/fdinfo)."""
+    ids: dict[str, set[int]] = {"prog": set(), "map": set(), "link": set()}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return ids
+    for fd in fds:
+        try:
+            text = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        for kind, n in _FDINFO_ID.findall(text):
+            ids[kind.removesuffix("_id")].add(int(n))
+    return ids
+
+
+def live_bpf_ids(kind: str) -> set[int]:
+    """Ids of every BPF ``kind`` ("prog", "map", "link") the kernel has now (bpftool)."""
+    out = subprocess.run(["bpftool", "-j", kind, "list"], capture_output=True, text=True, check=True).stdout
+    return {o["id"] for o in json.loads(out or "[]")}
+
+
+def leaked_bpf_ids(held: dict[str, set[int]]) -> dict[str, set[int]]:
+    """Which of ``held`` still exist, after giving the kernel's deferred release (RCU) a moment."""
+    left: dict[str, set[int]] = {}
+    for _ in range(100):
+        left = {k: ids & live_bpf_ids(k) for k, ids in held.items() if ids}
+        if not any(left.values()):
+            return {}
+        time.sleep(0.05)
+    return {k: v for k, v in left.items() if v}
+
+
+def kprobe_events() -> list[str]:
+    """Lines of tracefs kprobe_events (empty when the kernel has no kprobes)."""
+    path = tracefs.ensure_tracefs() / "kprobe_events"
+    try:
+        return [ln for ln in path.read_text().splitlines() if ln.strip()]
+    except OSError:
+        return []
+
+
+def process_memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile, VmHWM of ``pid`` in KiB."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    return {k: int(v) for k, v in re.findall(r"^(VmRSS|RssAnon|RssFile|VmHWM):\s+(\d+) kB", text, re.M)}
