@@ -23,7 +23,7 @@ from observer import __version__, config, logsetup, sd_notify
 from observer.config import Config
 from observer.errors import ObserverError
 from observer.eventlog import EventLog
-from observer.model import HstateSpec, Model, ProbeState, Runtime
+from observer.model import Model, ProbeState, Runtime
 from observer.probes.events import Event
 from observer.report import view_to_json
 
@@ -132,15 +132,12 @@ class Daemon:
 
     def _start(self) -> None:
         from exporters.prometheus.collector import registry
-        from observer.geometry import geometry_for
         from observer.kernel.facts import gather
         from observer.snapshot import SnapshotReader
 
         self._facts = facts = gather()
-        geometry = geometry_for(facts)
-        specs = {name: HstateSpec(name, g.order, g.freeable_vmemmap_pages, g.eligible)
-                 for name, g in geometry.items()}
-        self.model = Model(specs, facts.page_size, self.cfg.settle_seconds)
+        self.model = Model.for_facts(facts, self.cfg.settle_seconds)
+        specs = self.model.hstates
         self.registry = registry(self.model.view)
         self.server = self._bind(self.cfg)
         self.server.start()
@@ -201,10 +198,7 @@ class Daemon:
     def _on_event(self, ev: Event) -> None:
         assert self.model is not None
         self.model.on_event(ev)
-        record = ev.to_json()
-        record["hstate"] = self.model.hstate_of_order(ev.order)
-        record["unix_time"] = round(time.time() - (time.monotonic_ns() - ev.ts_ns) / 1e9, 6)
-        self.events.append(record)
+        self.events.append(ev.to_json(self.model.hstate_of_order(ev.order)))
 
     def _loop(self) -> None:
         assert self.model is not None

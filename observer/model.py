@@ -36,10 +36,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from observer.baseline import Split, assume_from_setting, split_by_node, split_saved_pages
 from observer.probes.events import Event, EventType, Result
 from observer.snapshot import KernelSnapshot, PoolKey, PoolPages
+
+if TYPE_CHECKING:
+    from observer.kernel.facts import KernelFacts
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +139,15 @@ class ModelView:
 
 
 class Model:
+    @classmethod
+    def for_facts(cls, facts: KernelFacts, settle_seconds: float = 1.0) -> Model:
+        """A model of this kernel's hstates with their HVO geometry."""
+        from observer.geometry import geometry_for
+
+        specs = {name: HstateSpec(name, g.order, g.freeable_vmemmap_pages, g.eligible)
+                 for name, g in geometry_for(facts).items()}
+        return cls(specs, facts.page_size, settle_seconds)
+
     def __init__(self, hstates: Mapping[str, HstateSpec], page_size: int = 4096, settle_seconds: float = 1.0,
                  clock: Callable[[], int] = time.monotonic_ns) -> None:
         self._lock = threading.Lock()

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,10 +248,7 @@ def _may_trace() -> bool:
 
 def _record(ev: Any, by_order: dict[int, str], page_size: int) -> dict[str, Any]:
     """The daemon's event record (observer.daemon) for an event seen by our own session."""
-    r = ev.to_json()
-    r["hstate"] = by_order.get(ev.order) or f"{(page_size << ev.order) // 1024}kB"
-    r["unix_time"] = round(time.time() - (time.monotonic_ns() - ev.ts_ns) / 1e9, 6)
-    return r
+    return ev.to_json(by_order.get(ev.order) or f"{(page_size << ev.order) // 1024}kB")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,16 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def local_status(settle_seconds: float = 1.0) -> dict[str, Any]:
     """The daemon's status document, computed here from one kernel snapshot with the same model."""
     from observer import __version__
-    from observer.geometry import geometry_for
     from observer.kernel.facts import gather
-    from observer.model import HstateSpec, Model, Runtime
+    from observer.model import Model, Runtime
     from observer.report import view_to_json
     from observer.snapshot import SnapshotReader
 
     facts = gather()
-    specs = {name: HstateSpec(name, g.order, g.freeable_vmemmap_pages, g.eligible)
-             for name, g in geometry_for(facts).items()}
-    model = Model(specs, facts.page_size, settle_seconds)
+    model = Model.for_facts(facts, settle_seconds)
     model.set_runtime(Runtime(__version__, facts.release, "", "no daemon: no probes attached"))
     reader = SnapshotReader(facts.root, facts.page_size, facts.struct_page_size or 64)
     model.take_baseline(reader.read(), provisional=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import time
 from dataclasses import dataclass
 
 
@@ -61,9 +62,13 @@ class Event:
     inferred: bool
     comm: str
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self, hstate: str | None = None) -> dict[str, object]:
+        """The event record of the JSON API and ``events --json``; ``hstate`` is the sysfs name of the
+        order's hstate, ``unix_time`` the wall-clock time of the monotonic timestamp."""
         return {
             "ts_ns": self.ts_ns,
+            "unix_time": round(time.time() - (time.monotonic_ns() - self.ts_ns) / 1e9, 6),
+            "hstate": hstate,
             "event": self.event.label,
             "order": self.order,
             "node": self.node,
