@@ -30,15 +30,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, names the flag, exit 2
-        self.exit(2, f"hvo-observer: {message} (see 'hvo-observer {self._cmd()} --help')\n")
-
-    def _cmd(self) -> str:
-        parts = self.prog.split()
-        return parts[1] if len(parts) > 1 else ""
+        self.exit(2, f"hvo-observer: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hvo-observer", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="hvo-observer",
+                     description="Live eBPF observer of the kernel's HugeTLB Vmemmap Optimization (HVO).")
     parser.add_argument("--version", action="version", version=f"hvo-observer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module, help_text) in COMMANDS.items():
