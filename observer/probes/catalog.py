@@ -76,6 +76,12 @@ CATALOG: tuple[ProbeSpec, ...] = (
         "self-hosted vmemmap, already optimized); error: ret < 0 or a failed remap inside",
     ),
     ProbeSpec(
+        EventType.OPTIMIZE, "function", ("hugetlb_vmemmap_optimize_folio",), "fn_optimize", FUNCTION_MODES,
+        "6.7+ single-folio path (surplus/migration pages; 7.x: every fresh page outside a pool grow), "
+        "probed as well: 7.x builds call the worker's body from it through a .part clone that the "
+        "worker probe does not see. When it calls the probed worker, the outer call reports (once)",
+    ),
+    ProbeSpec(
         EventType.RESTORE, "function",
         ("__hugetlb_vmemmap_restore_folio", "hugetlb_vmemmap_restore_folio", "hugetlb_vmemmap_restore",
          "hugetlb_vmemmap_alloc", "alloc_huge_page_vmemmap"),

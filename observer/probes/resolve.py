@@ -26,31 +26,11 @@ def resolve_one(spec: ProbeSpec, facts: KernelFacts, mode: str) -> Resolution:
 
 
 def _function(spec: ProbeSpec, facts: KernelFacts, mode: str) -> Resolution:
-    try:
-        ksyms = facts.kallsyms
-    except ObserverError as e:
-        return Resolution(spec, mode, None, False, str(e))
-    btf = None
-    if mode == "fentry":
-        try:
-            btf = facts.btf
-        except ObserverError as e:
-            return Resolution(spec, mode, None, False, f"fentry needs BTF: {e}")
-    tried: list[str] = []
-    for name in spec.targets:
-        if mode == "fentry":
-            # fentry attaches by BTF id: only the exact, non-inlined symbol will do (no .isra clones).
-            if ksyms.has(name) and btf.func_id(name) is not None:
-                return Resolution(spec, mode, name, True, "symbol in kallsyms and BTF")
-            clones = ksyms.clones(name)
-            tried.append(f"{name} (clone {clones[0]}: no BTF)" if clones and not ksyms.has(name) else name)
-        else:
-            sym = ksyms.resolve(name)
-            if sym is not None:
-                how = "symbol in kallsyms" if sym == name else f"compiler clone of {name}"
-                return Resolution(spec, mode, sym, True, how)
-            tried.append(name)
-    return Resolution(spec, mode, None, False, "no candidate resolves: " + ", ".join(tried))
+    # The function probes' own rules: clones only for return-only handlers, functions newer than
+    # the kernel, prototypes checked against BTF.
+    from observer.probes.functions import resolve_spec
+
+    return resolve_spec(spec, facts, mode)[0]
 
 
 def _tracepoint(spec: ProbeSpec, facts: KernelFacts, mode: str) -> Resolution:

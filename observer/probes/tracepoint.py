@@ -145,7 +145,7 @@ def order_mask(orders: set[int]) -> str:
 class TracepointProbeSet(BaseProbeSet):
     name = "tracepoint"
 
-    def __init__(self, facts: KernelFacts, infer: VmemmapInference | None = None) -> None:
+    def __init__(self, facts: KernelFacts, infer: VmemmapInference | PoolEventsOnly | None = None) -> None:
         self.facts = facts
         hstates = facts.hstates()
         if not hstates:
@@ -169,7 +169,7 @@ class TracepointProbeSet(BaseProbeSet):
         self.retracted = 0
 
     @property
-    def infer(self) -> VmemmapInference:
+    def infer(self) -> VmemmapInference | PoolEventsOnly:
         # Built on first use (at attach, after bcc compiled): it needs the geometry, i.e. BTF.
         if self._infer is None:
             self._infer = VmemmapInference.for_facts(self.facts)
@@ -385,6 +385,30 @@ class TracepointProbeSet(BaseProbeSet):
         return out
 
 
+class PoolEventsOnly:
+    """The inference stand-in for fentry/kprobe modes that take pool events from tracepoints:
+    optimize/restore come from the function probes there, so nothing is inferred (or counted twice)."""
+
+    busy = False
+
+    def seed(self, heads: dict[int, int]) -> None:
+        pass
+
+    def reseed(self, heads: dict[int, int]) -> None:
+        pass
+
+    def note(self, event: Event) -> None:
+        pass
+
+    def poll(self, now_ns: int) -> list[Event]:
+        return []
+
+
 def probe_sets(mode: str, facts: KernelFacts) -> list[TracepointProbeSet]:
     return [TracepointProbeSet(facts)]
+
+
+def pool_probe_sets(mode: str, facts: KernelFacts) -> list[TracepointProbeSet]:
+    """Pool events only, for function modes whose kernel hides the pool functions (inlined, clones)."""
+    return [TracepointProbeSet(facts, infer=PoolEventsOnly())]
 
