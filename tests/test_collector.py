@@ -268,3 +268,14 @@ def test_stream_tells_a_slow_reader_what_it_missed() -> None:
     batch = log.since(0, 100)
     assert batch.missed == 24 and batch.records[0]["seq"] == 25 and batch.next_seq == 40
     assert log.since(40, 10).records == [] and log.since(99, 10).next_seq == 40
+
+
+def test_readme_documents_every_metric() -> None:
+    """Issue 5: every metric the exporter serves is documented in the README's metric table."""
+    from pathlib import Path
+
+    from exporters.prometheus.collector import METRICS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [name for name in METRICS if f"| `{name}` |" not in readme]
+    assert not missing, f"README's metric table lacks {missing}"
