@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from observer.model import ModelView
-from observer.probes.events import EventType, Result
+from observer.probes.events import HIST_BUCKETS, EventType, Result
 
 METRICS: dict[str, str] = {
     "hvo_build_info": "hvo-observer version, running kernel and probe mode (value 1).",
@@ -193,7 +193,11 @@ class HvoCollector(Collector):
 
         h = HistogramMetricFamily("hvo_operation_duration_seconds", METRICS["hvo_operation_duration_seconds"],
                                   labels=["op", "hstate"])
-        for (ev, order), buckets in sorted(v.hist.items()):
+        hist = dict(v.hist)
+        for s in v.hstates:  # every op/hstate series exists from the first scrape, like hvo_events_total
+            for ev in (EventType.OPTIMIZE, EventType.RESTORE):
+                hist.setdefault((ev, s.order), [0] * HIST_BUCKETS)
+        for (ev, order), buckets in sorted(hist.items()):
             cumulative, total = histogram_buckets(buckets)
             h.add_metric([ev.label, hstate(order)], cumulative, total)
         yield h

@@ -50,6 +50,13 @@ def _has_headers(tree: Path) -> bool:
 
 def _own_headers(root: Path, release: str) -> HeaderChoice | None:
     kdir = under(root, f"/lib/modules/{release}")
+    try:
+        return _find_own_headers(root, kdir, release)
+    except OSError as e:  # e.g. /lib/modules hidden by a sandbox (ProtectKernelModules=)
+        raise ObserverError(f"cannot look for kernel headers in {kdir}: {e.strerror or e}") from None
+
+
+def _find_own_headers(root: Path, kdir: Path, release: str) -> HeaderChoice | None:
     build, source = kdir / "build", kdir / "source"
     # bcc itself uses source/ when both exist (Debian puts generated headers in build/, the rest in source/).
     if build.is_dir() and source.is_dir():
