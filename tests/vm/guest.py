@@ -29,6 +29,8 @@ from pathlib import Path
 from .initramfs import build_initramfs
 from .kernels import GuestKernel, prepare_kernel
 
+REPO = Path(__file__).resolve().parents[2]  # the checkout whose code and .venv guests run
+
 QEMU = "qemu-system-x86_64"
 LOOP = Path(__file__).with_name("loop.sh")
 CONSOLE_TAIL_LINES = 60
@@ -347,6 +349,9 @@ class Guest:
         self._n = 0
         (self.share / "boot.env").write_text(
             f"HVO_MODE={self.mode}\nHVO_ROOT_CACHE={shlex.quote(self.root_cache)}\n"
+            # The checkout (code and .venv) must stay visible even when it lives under a directory the
+            # guest replaces with an empty tmpfs (a CI clone in /tmp, say).
+            f"HVO_KEEP={shlex.quote(str(REPO))}\n"
         )
         base = {
             "PATH": GUEST_PATH,

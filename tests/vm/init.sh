@@ -44,11 +44,24 @@ api_mounts() {
 
 # Empty scratch directories: the host's /tmp must not show through (systemd-tmpfiles would walk and
 # clean it over 9p for minutes). The share appears at /run/hvo; systemd keeps an existing /run.
+# HVO_KEEP (the checkout) is carried over when it lives under one of them.
 scratch_mounts() {
     r=$1
+    keep=""
+    case "$HVO_KEEP" in
+    /tmp/* | /var/tmp/* | /run/*)
+        keep=$HVO_KEEP
+        mkdir -p /keep
+        mount --bind "$r$keep" /keep || fail "bind of $keep"
+        ;;
+    esac
     mount -t tmpfs -o mode=1777 tmpfs "$r/tmp" || fail "tmpfs /tmp"
     mount -t tmpfs -o mode=1777 tmpfs "$r/var/tmp" || fail "tmpfs /var/tmp"
     mount -t tmpfs -o mode=755,nosuid,nodev tmpfs "$r/run" || fail "tmpfs /run"
+    if [ -n "$keep" ]; then
+        mkdir -p "$r$keep"
+        mount --move /keep "$r$keep" || fail "moving $keep back"
+    fi
     mkdir -p "$r/run/hvo"
     mount --move /share "$r/run/hvo" || fail "moving the share to /run/hvo"
 }
