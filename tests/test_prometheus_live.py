@@ -293,8 +293,10 @@ def test_prometheus_stores_the_daemon_series_with_the_right_labels(host: None, t
         assert prom.value('hvo_reconcile_drift_bytes{instance="host-a"}') == 0
 
         # The recording rules compute from them, keeping job and instance.
+        # Host and fleet rules are separate groups, each evaluated on its own tick: wait for both.
         prom.wait("recording rules evaluated after the grow",
-                  lambda: prom.value('instance:hvo_vmemmap_saved_bytes:sum{source="kernel"}') == saved)
+                  lambda: prom.value('instance:hvo_vmemmap_saved_bytes:sum{source="kernel"}') == saved
+                  and prom.value('job:hvo_vmemmap_saved_bytes:sum{source="kernel"}') == saved)
         name = "instance:hvo_vmemmap_saved_bytes:sum"
         assert at(name) == {key(__name__=name, source=s): saved for s in ("expected", "kernel")}
         assert prom.value('instance_hstate:hvo_optimized_hugepages_per_hugepages:ratio{hstate="2048kB"}') == 1

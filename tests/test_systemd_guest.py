@@ -3,8 +3,8 @@ Debian's 6.1 kernel over the host's root.
 
 The unit file and the example configuration go into the guest exactly as shipped, at the paths an
 install uses (/etc/systemd/system/, /etc/hvo-observer/hvo-observer.toml); /usr/local/bin/hvo-observer,
-which the unit runs, is a wrapper that execs this checkout's entry point (so the main PID is the
-daemon). The unit is not enabled: each test starts what it needs, in file order:
+which the unit runs, execs the checkout (bind-mounted at /opt/hvo) as ``python -m observer`` (so the
+main PID is the daemon). The unit is not enabled: each test starts what it needs, in file order:
 
 - it becomes active only after READY=1: while the daemon compiles and attaches (its HTTP server
   already answering /healthz with 503) systemd reports ``activating``, and the first time systemd
@@ -67,10 +67,17 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
             pytest.fail(f"{tool} is missing: run scripts/setup")
     if not ENTRY_POINT.exists():
         pytest.fail(f"{ENTRY_POINT} is missing: run scripts/setup (it installs the project into the venv)")
+    # The checkout is bind-mounted at /opt/hvo, as README installs it: wherever the checkout lives
+    # (a CI clone under /tmp would be hidden by the unit's PrivateTmp=), the service sees it there.
     files = {
         f"/etc/systemd/system/{UNIT}": UNIT_FILE.read_text(),
         "/etc/hvo-observer/hvo-observer.toml": CONFIG.read_text(),
-        "/usr/local/bin/hvo-observer": f'#!/bin/sh\nexec {ENTRY_POINT} "$@"\n',
+        "/etc/systemd/system/opt-hvo.mount":
+            f"[Mount]\nWhat={REPO}\nWhere=/opt/hvo\nType=none\nOptions=bind,ro\n",
+        f"/etc/systemd/system/{UNIT}.d/checkout.conf": "[Unit]\nRequiresMountsFor=/opt/hvo\n",
+        # cwd first on sys.path: the code at /opt/hvo, not the editable install's path to the checkout
+        "/usr/local/bin/hvo-observer":
+            '#!/bin/sh\ncd /opt/hvo && exec /opt/hvo/.venv/bin/python -m observer "$@"\n',
     }
     # serial-getty@ttyS0 waits 90 s for a device udev never announces in these guests.
     mask = (*DEFAULT_MASK, "serial-getty@ttyS0.service")
