@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from observer.kernel import hugepages
+from tests.kernel_state import restored_kernel_state
 
 
 def _doctor(*args: str) -> subprocess.CompletedProcess[str]:
@@ -19,7 +20,9 @@ def _doctor(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.live
 def test_doctor_json_reports_this_machine() -> None:
-    r = _doctor("--json")
+    with restored_kernel_state():  # holds the pools lock: no other live test resizes pools meanwhile
+        r = _doctor("--json")
+        pools = {h.name: h.nr_hugepages for h in hugepages.read_hstates()}
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["kernel"] == Path("/proc/sys/kernel/osrelease").read_text().strip()
@@ -34,7 +37,6 @@ def test_doctor_json_reports_this_machine() -> None:
     assert (by_name["2048kB"]["vmemmap_pages"], by_name["2048kB"]["freeable_vmemmap_pages"]) == (8, 7)
     g1 = by_name["1048576kB"]
     assert (g1["vmemmap_pages"], g1["freeable_vmemmap_pages"]) == (4096, 4095)
-    pools = {h.name: h.nr_hugepages for h in hugepages.read_hstates()}
     for name, h in by_name.items():
         assert h["size_bytes"] == int(name[:-2]) * 1024 and h["nr_hugepages"] == pools[name]
         assert isinstance(h["eligible"], bool) and (h["eligible"] or h["reason"])
