@@ -12,13 +12,15 @@
 
 Bounded so that a misbehaving client cannot grow memory or pin threads: at most ``max_clients``
 connections are served at once (more get 503 and are closed), one request per connection
-(HTTP/1.0), the request line and headers may take 16 KiB in total, sockets time out after 10 s of
-no progress in either direction (slow readers of the stream are dropped), and the stream reads the
-shared event ring instead of queueing per client.
+(HTTP/1.0), the request line and headers may take 16 KiB in total and must arrive within 5 s (a
+slowloris client dribbling bytes is cut off), sockets time out after 10 s of no progress in either
+direction, streams may take at most half of the slots (idle stream readers cannot starve scrapes),
+and the stream reads the shared event ring instead of queueing per client.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -37,6 +39,7 @@ from observer.eventlog import EventLog
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 16 * 1024
+HEADER_DEADLINE_S = 5.0
 SOCKET_TIMEOUT_S = 10.0
 HEARTBEAT_S = 5.0
 EVENTS_LIMIT_DEFAULT, EVENTS_LIMIT_MAX = 1000, 10000
@@ -87,6 +90,7 @@ class ApiServer(ThreadingHTTPServer):
         self.backend = backend
         self.stopping = threading.Event()
         self._slots = threading.BoundedSemaphore(max_clients)
+        self.stream_slots = threading.BoundedSemaphore(max(1, max_clients // 2))
         self._thread: threading.Thread | None = None
         super().__init__(address, _Handler)
 
@@ -144,8 +148,22 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.rfile = _CappedReader(self.rfile, MAX_REQUEST_BYTES)  # type: ignore[assignment]
+        # An absolute deadline for the request line and headers: per-read timeouts alone let a client
+        # that sends one byte a second hold its slot for ever.
+        self._deadline = threading.Timer(HEADER_DEADLINE_S, self._cut_off)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut_off(self) -> None:
+        with contextlib.suppress(OSError):  # the pending read returns EOF: the request is dropped
+            self.connection.shutdown(socket.SHUT_RD)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
 
     def parse_request(self) -> bool:
+        self._deadline.cancel()
         ok = super().parse_request()
         if ok and self.rfile.exhausted:  # type: ignore[attr-defined]
             self.send_error(431, "Request header fields too large")
@@ -205,6 +223,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _stream(self, since: int, head: bool) -> None:
+        if not self.server.stream_slots.acquire(blocking=False):
+            self._send(503, b"too many streams\n", "text/plain; charset=utf-8", head)
+            return
+        try:
+            self._stream_events(since, head)
+        finally:
+            self.server.stream_slots.release()
+
+    def _stream_events(self, since: int, head: bool) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
         self.send_header("Cache-Control", "no-store")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -121,8 +122,8 @@ class Daemon:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + WAIT_S
+    def wait_ready(self, timeout: float = WAIT_S) -> None:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"daemon exited with {self.proc.returncode}:\n{self.output()}")
@@ -132,7 +133,7 @@ class Daemon:
             except OSError:
                 pass
             time.sleep(0.1)
-        pytest.fail(f"daemon not healthy after {WAIT_S:.0f} s:\n{self.output()}")
+        pytest.fail(f"daemon not healthy after {timeout:.0f} s:\n{self.output()}")
 
     def scrape(self) -> Samples:
         status, body = self.get("/metrics")
@@ -172,10 +173,11 @@ class Daemon:
 
 
 @contextmanager
-def daemon(tmp: Path, *extra: str, env: dict[str, str] | None = None, **kw: object) -> Iterator[Daemon]:
+def daemon(tmp: Path, *extra: str, env: dict[str, str] | None = None, ready_timeout: float = WAIT_S,
+           **kw: object) -> Iterator[Daemon]:
     d = Daemon(tmp, *extra, env=env, **kw)  # type: ignore[arg-type]
     try:
-        d.wait_ready()
+        d.wait_ready(ready_timeout)
         yield d
     finally:
         if d.proc.poll() is None:
@@ -244,6 +246,75 @@ def total_events(m: Samples) -> int:
     return int(sum(m.get("hvo_events_total", {}).values()))
 
 
+# --- storms: driving the 2 MiB pool and checking the daemon's books -----------------------------
+
+def seeded_rng() -> random.Random:
+    seed = int(os.environ.get("HVO_STORM_SEED") or time.time_ns() % 2**32)
+    print(f"\nstorm seed {seed} (HVO_STORM_SEED={seed} replays it)")
+    return random.Random(seed)
+
+
+class Pool:
+    """The 2 MiB pool as a test drove it: allocations and frees the kernel really made.
+
+    Live tests that do not take the pool lock may run meanwhile (another pytest session on the same
+    machine): a pool size or sysctl we did not set is noticed (``foreign``).
+    """
+
+    def __init__(self) -> None:
+        self.pages = self._nr()
+        self.hvo = sysctl.read_hvo_sysctl()
+        self.allocs = self.frees = 0
+        self.foreign: list[str] = []
+
+    @staticmethod
+    def _nr() -> int:
+        return hugepages.by_name(hugepages.read_hstates(), H2M).nr_hugepages
+
+    def resize(self, target: int) -> None:
+        now, hvo = self._nr(), sysctl.read_hvo_sysctl()
+        if (now, hvo) != (self.pages, self.hvo):
+            self.foreign.append(f"pool {self.pages} -> {now}, sysctl {self.hvo} -> {hvo}")
+            self.pages, self.hvo = now, hvo
+        got = hugepages.set_nr_hugepages(H2M, target)
+        self.allocs += max(0, got - self.pages)
+        self.frees += max(0, self.pages - got)
+        self.pages = got
+
+
+def settled_books(d: Daemon) -> tuple[Samples, int]:
+    """A quiet moment's metrics and the number of events delivered at that same moment (inferred
+    events can still arrive after the model settled: read until nothing moved around the scrape)."""
+    for _ in range(60):
+        seq = d.events_delivered()
+        m = settled(d)
+        if d.events_delivered() == seq:
+            return m, seq
+    pytest.fail(f"events kept arriving at every quiet moment the daemon reported:\n{d.output()}")
+
+
+def count(m: Samples, event: str, result: str = "ok", hstate: str = H2M) -> int:
+    return int(one(m, "hvo_events_total", event=event, hstate=hstate, result=result))
+
+
+def check_books(before: Samples, after: Samples, delivered: int, pool: Pool) -> int:
+    """The pool counts are exact and every record was delivered or counted lost; returns the loss.
+
+    Every record the BPF side counted was either handed to the daemon (its event log's sequence
+    number) or counted as lost; events made in user space (tracepoint mode's inferred ones) are
+    counted there and never lost: sum(hvo_events_total) == delivered + hvo_events_lost_total."""
+    pool.resize(pool.pages)  # notices a change made by someone else since the last step
+    if pool.foreign:
+        pytest.skip(f"another process changed the pool or the sysctl during the test ({len(pool.foreign)} "
+                    f"times, first: {pool.foreign[0]}): run live tests one at a time")
+    lost = int(one(after, "hvo_events_lost_total") - one(before, "hvo_events_lost_total"))
+    assert count(after, "pool_alloc") - count(before, "pool_alloc") == pool.allocs
+    assert count(after, "pool_free") - count(before, "pool_free") == pool.frees
+    counted = total_events(after) - total_events(before)
+    assert counted == delivered + lost, f"{counted} counted, {delivered} delivered, {lost} lost"
+    return lost
+
+
 # --- kernel objects a process holds -------------------------------------------------------------
 
 _FDINFO_ID = re.compile(r"^(prog_id|map_id|link_id):\s+(\d+)$", re.M)
@@ -281,6 +352,27 @@ def leaked_bpf_ids(held: dict[str, set[int]]) -> dict[str, set[int]]:
             return {}
         time.sleep(0.05)
     return {k: v for k, v in left.items() if v}
+
+
+def kill_holding(d: Daemon) -> dict[str, set[int]]:
+    """SIGSTOP, note every BPF object the daemon holds, SIGKILL, reap."""
+    os.kill(d.pid, signal.SIGSTOP)
+    held = held_bpf_ids(d.pid)
+    os.kill(d.pid, signal.SIGKILL)
+    d.proc.wait(timeout=30)
+    d.log.close()
+    return held
+
+
+def wait_for_programs(d: Daemon, at_least: int, timeout: float = WAIT_S) -> None:
+    """Until the starting daemon holds ``at_least`` BPF programs (it is attaching them)."""
+    deadline = time.monotonic() + timeout
+    while len(held_bpf_ids(d.pid)["prog"]) < at_least:
+        if d.proc.poll() is not None:
+            pytest.fail(f"the daemon exited with {d.proc.returncode} while starting:\n{d.output()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"the daemon held no {at_least} BPF programs after {timeout:.0f} s:\n{d.output()}")
+        time.sleep(0.001)
 
 
 def kprobe_events() -> list[str]:

@@ -444,6 +444,14 @@ class FunctionProbeSet(BaseProbeSet):
             attach = self._attach_fentry if self.mode == "fentry" else self._attach_kprobe
             ok, reason = attach(bpf, symbol, i, group[0].has_entry)
             out.extend(Attachment(p.spec.event, symbol, self.mode, ok, reason) for p in group)
+        # An event none of whose entries resolved is unobserved: say so (hvo_probe_attached 0), once.
+        # Alternatives that did not resolve while another entry covers the event are no loss; pool
+        # events left to the tracepoint set are not ours to report.
+        covered = {p.spec.event for p in self.plans} | (POOL_EVENTS - self.pool_events())
+        for r in self.resolve(self.facts):
+            if not r.ok and r.spec.event not in covered:
+                out.append(Attachment(r.spec.event, r.spec.targets[0], self.mode, False, r.reason))
+                covered.add(r.spec.event)
         return out
 
     def _attach_kprobe(self, bpf: Any, symbol: str, index: int, has_entry: bool) -> tuple[bool, str]:

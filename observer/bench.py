@@ -1,0 +1,443 @@
+"""``hvo-observer bench``: what the daemon costs on this machine, against the project's targets.
+
+Figures (``--only`` takes these names):
+  startup          spawn of ``hvo-observer run`` to READY=1 (compile + attach + baseline), median
+  memory           the running daemon's private (anonymous) memory and total RSS
+  idle_cpu         the daemon's CPU time while nothing happens, in % of one core
+  scrape           GET /metrics latency p50/p99, real HTTP server, simulated model of 2 hstates x 64 nodes
+  decode           events/s through the probe session's ring-buffer callback (replayed records); the
+                   daemon's whole per-event path (model, JSON record, event log) is shown alongside
+  overhead_pool    growing and shrinking the 2 MiB pool by 1,000 pages, daemon attached vs. detached:
+                   median of paired ratios of the workload's own CPU time (what the probes add in its
+                   context, unaffected by other load on the machine), and of its wall time
+  overhead_faults  writing 1 GiB of fresh 4 KiB pages (a page fault each), attached vs. detached
+  guest            (only with --guest) overhead_pool in a QEMU guest in fentry and kprobe mode, through
+                   the test harness in tests/vm/ (a source checkout with Debian's kernels)
+
+The pool and fault benchmarks change the 2 MiB pool and turn vm.hugetlb_optimize_vmemmap on; both
+are restored afterwards (also on Ctrl-C). They wait for the pool lock the live tests use. Nothing
+here asserts: the table says which figures meet their targets; the exit code is 0 whenever every
+figure could be measured (1 when one could not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from observer import __version__
+from observer.errors import ObserverError
+
+BENCHES = ("startup", "memory", "idle_cpu", "scrape", "decode", "overhead_pool", "overhead_faults", "guest")
+DAEMON_BENCHES = {"startup", "memory", "idle_cpu", "overhead_pool", "overhead_faults"}
+GUEST_KERNEL = "sid"  # 7.x: fentry and kprobes, the per-folio HVO functions (Debian 6.12 reports bad pages)
+GUEST_MODES = ("fentry", "kprobe")
+# benchmark -> the figures it reports (JSON "name"s)
+FIGURES: dict[str, tuple[str, ...]] = {
+    "startup": ("startup_s",),
+    "memory": ("private_memory_mib", "rss_mib"),
+    "idle_cpu": ("idle_cpu_pct",),
+    "scrape": ("scrape_p50_ms", "scrape_p99_ms"),
+    "decode": ("decode_events_per_s", "pipeline_events_per_s"),
+    "overhead_pool": ("overhead_pool_ratio", "overhead_pool_wall_ratio"),
+    "overhead_faults": ("overhead_faults_ratio", "overhead_faults_wall_ratio"),
+    "guest": tuple(f"guest_overhead_pool_ratio_{m}" for m in GUEST_MODES),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    pool_pages: int = 1000
+    blocks: int = 5  # daemon starts of the paired overhead runs (attached first, then detached first)
+    reps: int = 3  # paired runs per block
+    fault_bytes: int = 1 << 30
+    startup_samples: int = 5
+    settle_s: float = 5.0  # running before memory is read
+    idle_s: float = 60.0
+    scrapes: int = 2000
+    decode_events: int = 1_000_000
+
+
+FULL = Plan()
+QUICK = Plan(pool_pages=100, blocks=2, reps=1, fault_bytes=128 << 20, startup_samples=2, settle_s=1.0,
+             idle_s=5.0, scrapes=200, decode_events=100_000)
+
+
+@dataclass
+class Figure:
+    name: str
+    label: str
+    value: float | None
+    unit: str
+    target: tuple[str, float] | None = None  # ("<=", 1.02) or (">=", 200000)
+    note: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool | None:
+        if self.target is None or self.value is None:
+            return None
+        op, limit = self.target
+        return self.value <= limit if op == "<=" else self.value >= limit
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["target"] = None if self.target is None else {"op": self.target[0], "value": self.target[1]}
+        out["pass"] = self.passed
+        return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="short run (fewer pages, pairs and samples): checks the machinery, not the figures")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write every figure, with details, as JSON")
+    p.add_argument("--only", metavar="NAME,...", help=f"run only these: {', '.join(BENCHES)}")
+    p.add_argument("--mode", default="auto", metavar="MODE",
+                   help="probe mode of the daemon under test: auto (default), fentry, kprobe, tracepoint")
+    p.add_argument("--pool-pages", type=int, metavar="N", help="pages per grow/shrink (default 1000)")
+    p.add_argument("--guest", action="store_true",
+                   help=f"also measure fentry and kprobe overhead in a QEMU guest (Debian {GUEST_KERNEL} "
+                        "kernel; needs this source checkout's tests/vm harness; takes many minutes)")
+
+
+def run(args: argparse.Namespace) -> int:
+    selected = _selected(args.only, args.guest)
+    if args.mode not in ("auto", "fentry", "kprobe", "tracepoint"):
+        raise ObserverError(f"bad --mode {args.mode!r}: choose auto, fentry, kprobe or tracepoint")
+    plan = QUICK if args.quick else FULL
+    if args.pool_pages is not None:
+        if not 1 <= args.pool_pages <= 100_000:
+            raise ObserverError(f"bad --pool-pages {args.pool_pages}: expected 1 to 100000")
+        plan = Plan(**{**asdict(plan), "pool_pages": args.pool_pages})
+    if args.json is not None and not args.json.parent.is_dir():
+        raise ObserverError(f"bad --json {args.json}: directory {args.json.parent} does not exist")
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    load_before = os.getloadavg()
+    figures: list[Figure] = []
+    t0 = time.monotonic()
+    if "scrape" in selected:
+        figures += _scrape(plan)
+    if "decode" in selected:
+        figures += _decode(plan)
+    if selected & DAEMON_BENCHES:
+        figures += _daemon_benches(plan, selected, args.mode)
+    if "guest" in selected:
+        figures += _guest(args.quick, plan)
+    report = {
+        "version": __version__, "started": started, "seconds": round(time.monotonic() - t0, 1),
+        "quick": args.quick, "plan": asdict(plan), "machine": machine(),
+        "loadavg": {"before": load_before, "after": os.getloadavg()},
+        "figures": [f.to_json() for f in figures],
+    }
+    print(table(figures, report))
+    if args.json is not None:
+        try:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as e:
+            raise ObserverError(f"cannot write --json {args.json}: {e.strerror or e}") from None
+    return 1 if any(f.value is None for f in figures) else 0
+
+
+def _selected(only: str | None, guest: bool) -> set[str]:
+    if only is None:
+        return set(BENCHES) - ({"guest"} if not guest else set())
+    names = {n.strip() for n in only.split(",") if n.strip()}
+    unknown = sorted(names - set(BENCHES))
+    if unknown or not names:
+        raise ObserverError(f"bad --only {only!r}: unknown benchmark {', '.join(unknown) or '(none)'} "
+                            f"(choose from {', '.join(BENCHES)})")
+    if "guest" in names and not guest:
+        raise ObserverError("bad --only: 'guest' needs --guest (it boots QEMU guests for many minutes)")
+    return names
+
+
+def _progress(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[max(0, min(len(s) - 1, round(q * len(s) + 0.5) - 1))]
+
+
+# --- in-process figures -------------------------------------------------------------------------
+
+def _scrape(plan: Plan) -> list[Figure]:
+    from observer.bench_workloads import scrape_latencies
+
+    _progress(f"scrape: {plan.scrapes} GETs of /metrics (2 hstates x 64 nodes)")
+    times, size, series = scrape_latencies(plan.scrapes)
+    detail = {"requests": len(times), "body_bytes": size, "series": series, "hstates": 2, "nodes": 64}
+    return [
+        Figure("scrape_p50_ms", "GET /metrics p50 (2 hstates x 64 nodes)", _pct(times, 0.5) * 1e3, "ms",
+               None, detail=detail),
+        Figure("scrape_p99_ms", "GET /metrics p99 (2 hstates x 64 nodes)", _pct(times, 0.99) * 1e3, "ms",
+               ("<=", 10.0), detail=detail),
+    ]
+
+
+def _decode(plan: Plan) -> list[Figure]:
+    from observer.bench_workloads import decode_rate
+
+    _progress(f"decode: {plan.decode_events:,} replayed records")
+    rate = max(decode_rate(plan.decode_events, pipeline=False) for _ in range(3))
+    full = max(decode_rate(plan.decode_events // 4, pipeline=True) for _ in range(3))
+    return [
+        Figure("decode_events_per_s", "event decode (ring-buffer callback, replayed)", rate, "events/s",
+               (">=", 200_000.0), detail={"records": plan.decode_events, "best_of": 3}),
+        Figure("pipeline_events_per_s", "event -> model + event log (daemon's path)", full, "events/s",
+               None, detail={"records": plan.decode_events // 4, "best_of": 3}),
+    ]
+
+
+# --- figures of the daemon on this host ---------------------------------------------------------
+
+def _daemon_benches(plan: Plan, selected: set[str], mode: str) -> list[Figure]:
+    wanted = selected & DAEMON_BENCHES
+    why = _cannot_run_daemon()
+    if why:
+        return [_missing(name, why) for bench in sorted(wanted) for name in FIGURES[bench]]
+    from observer import bench_workloads as w
+
+    figures: list[Figure] = []
+    startups: list[float] = []
+    chosen = [""]
+    with w.daemon_workdir() as tmp, w.pool_lock() as lock_note, w.KernelGuard():
+        workdir = Path(tmp)
+
+        def start() -> w.DaemonProcess:
+            d = w.DaemonProcess(mode, workdir).start()
+            startups.append(d.ready_s)
+            chosen[0] = d.chosen_mode
+            return d
+
+        if wanted & {"overhead_pool", "overhead_faults"}:
+            figures += _overhead(plan, wanted, start, lock_note)
+        while "startup" in wanted and len(startups) < plan.startup_samples:
+            _progress(f"startup: sample {len(startups) + 1}/{plan.startup_samples}")
+            start().stop()
+        if "startup" in wanted:
+            figures.append(Figure("startup_s", f"start-up to READY ({chosen[0]} mode)",
+                                  statistics.median(startups), "s", ("<=", 2.0),
+                                  detail={"samples": [round(s, 3) for s in startups]}))
+        if wanted & {"memory", "idle_cpu"}:
+            figures += _steady(plan, wanted, start)
+    for f in figures:
+        f.detail.setdefault("mode", chosen[0])
+    return figures
+
+
+def _cannot_run_daemon() -> str:
+    if os.geteuid() != 0:
+        return "needs root (BPF, pool sizes)"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "bcc (Debian's python3-bpfcc) is not importable"
+    return ""
+
+
+def _missing(name: str, why: str) -> Figure:
+    return Figure(name, name, None, "", None, note=why)
+
+
+def _overhead(plan: Plan, wanted: set[str], start: Callable[[], Any], lock_note: str) -> list[Figure]:
+    """Paired runs: in each block the daemon is started for ``reps`` runs, then stopped for as many
+    (the order alternates between blocks); pair i of a block is (attached run i, detached run i)."""
+    from observer.bench_workloads import H2M, grow_shrink, touch_pages
+    from observer.kernel import hugepages, sysctl
+
+    if sysctl.read_hvo_sysctl() is not None:
+        sysctl.write_hvo_sysctl(True)  # the cost with HVO at work: every page optimized and restored
+    base = hugepages.by_name(hugepages.read_hstates(), H2M).nr_hugepages
+    workloads = {"pool": lambda: grow_shrink(plan.pool_pages, base),
+                 "faults": lambda: touch_pages(plan.fault_bytes)}
+    keys = [k for k in workloads if f"overhead_{k}" in wanted]
+
+    def measure(d: Any = None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k in keys:
+            c0 = d.cpu_ns() if d else 0
+            out[k] = workloads[k]()
+            out[f"{k}_daemon_cpu"] = (d.cpu_ns() - c0) / 1e9 if d else 0.0
+        return out
+
+    measure()  # warm-up: compaction, page cache, first-touch effects
+    attached: list[dict[str, Any]] = []
+    detached: list[dict[str, Any]] = []
+    for block in range(plan.blocks):
+        _progress(f"overhead: block {block + 1}/{plan.blocks} ({plan.reps} paired runs)")
+        for with_daemon in ((True, False) if block % 2 == 0 else (False, True)):  # cancel slow drifts
+            if with_daemon:
+                d = start()
+                try:
+                    attached += [measure(d) for _ in range(plan.reps)]
+                finally:
+                    d.stop()
+            else:
+                detached += [measure() for _ in range(plan.reps)]
+    labels = {"pool": f"2 MiB pool grow+shrink by {plan.pool_pages:,} pages",
+              "faults": f"{plan.fault_bytes >> 20:,} MiB of 4 KiB page faults"}
+    limits = {"pool": 1.02, "faults": 1.03}
+    figures = []
+    for k in keys:
+        pairs = list(zip(attached, detached, strict=True))
+        cpu = [a[k].cpu / d[k].cpu for a, d in pairs]
+        wall = [a[k].wall / d[k].wall for a, d in pairs]
+        detail: dict[str, Any] = {
+            "pairs": len(pairs), "cpu_ratios": [round(r, 4) for r in cpu],
+            "wall_ratios": [round(r, 4) for r in wall],
+            "attached_median_cpu_s": round(statistics.median(a[k].cpu for a in attached), 5),
+            "detached_median_cpu_s": round(statistics.median(d[k].cpu for d in detached), 5),
+            "attached_median_wall_s": round(statistics.median(a[k].wall for a in attached), 5),
+            "detached_median_wall_s": round(statistics.median(d[k].wall for d in detached), 5),
+            "daemon_cpu_s_per_run": round(statistics.median(a[f"{k}_daemon_cpu"] for a in attached), 5),
+        }
+        if lock_note:
+            detail["note"] = lock_note
+        figures += [
+            Figure(f"overhead_{k}_ratio", f"{labels[k]}, workload CPU time attached/detached",
+                   statistics.median(cpu), "x", ("<=", limits[k]), detail=detail),
+            Figure(f"overhead_{k}_wall_ratio", f"{labels[k]}, wall time attached/detached",
+                   statistics.median(wall), "x", None, detail=detail),
+        ]
+    return figures
+
+
+def _steady(plan: Plan, wanted: set[str], start: Callable[[], Any]) -> list[Figure]:
+    d = start()
+    figures = []
+    try:
+        _progress(f"memory: running {plan.settle_s:.0f} s, 10 scrapes")
+        time.sleep(plan.settle_s)
+        for _ in range(10):
+            d.get("/metrics")
+        mem = d.memory_kib()
+        if "memory" in wanted:
+            detail = {k: round(v / 1024, 1) for k, v in mem.items()}
+            figures += [
+                Figure("private_memory_mib", "private (anonymous) memory, running", mem["RssAnon"] / 1024,
+                       "MiB", ("<=", 50.0), detail=detail),
+                Figure("rss_mib", "total RSS (incl. shared libraries' file pages)", mem["VmRSS"] / 1024,
+                       "MiB", None, detail=detail),
+            ]
+        if "idle_cpu" in wanted:
+            _progress(f"idle_cpu: {plan.idle_s:.0f} s without pool activity")
+            c0, t0 = d.cpu_ns(), time.monotonic_ns()
+            time.sleep(plan.idle_s)
+            c1, t1 = d.cpu_ns(), time.monotonic_ns()
+            pct = 100 * (c1 - c0) / (t1 - t0)
+            figures.append(Figure("idle_cpu_pct", "idle CPU, % of one core", pct, "%", ("<=", 0.5),
+                                  detail={"window_s": plan.idle_s, "cpu_s_per_minute": round(pct * 0.6, 3)}))
+    finally:
+        d.stop()
+    return figures
+
+
+# --- guest --------------------------------------------------------------------------------------
+
+def _guest(quick: bool, plan: Plan) -> list[Figure]:
+    names = list(FIGURES["guest"])
+    from observer.bench_workloads import REPO
+
+    if not (REPO / "tests" / "vm" / "guest.py").is_file():
+        why = "the QEMU harness (tests/vm) is not here: run from a source checkout"
+        return [_missing(n, why) for n in names]
+    if os.geteuid() != 0:
+        return [_missing(n, "QEMU guests sharing / over 9p need root") for n in names]
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    try:
+        from tests.vm import Guest
+    except ImportError as e:
+        return [_missing(n, f"the QEMU harness cannot be imported: {e}") for n in names]
+    figures = []
+    python = Path(sys.executable)
+    flags = "--quick" if quick else ""
+    # The guest needs the pool plus room for the daemon: 2 MiB per page, and 2 GiB to spare.
+    mem_mb = max(2048, plan.pool_pages * 2 + 2048)
+    _progress(f"guest: booting Debian {GUEST_KERNEL} under QEMU TCG ({mem_mb} MiB)")
+    try:
+        with Guest(GUEST_KERNEL, mem_mb=mem_mb) as g:
+            for mode, name in zip(GUEST_MODES, names, strict=True):
+                _progress(f"guest: overhead_pool in {mode} mode (compiling under TCG takes about a minute)")
+                cmd = (f"cd {REPO} && {python} -m observer bench {flags} --only overhead_pool --mode {mode} "
+                       f"--pool-pages {plan.pool_pages} --json $HVO_OUT/bench.json")
+                r = g.run(cmd, timeout=3600)
+                out = r.outdir / "bench.json"
+                if r.exit_code != 0 or not out.is_file():
+                    why = (r.stderr.strip().splitlines() or [f"exit code {r.exit_code}"])[-1]
+                    figures.append(_missing(name, f"{mode} in the guest failed: {why}"))
+                    continue
+                fig = json.loads(out.read_text())["figures"][0]
+                detail = {**fig["detail"], "kernel": g.kernel.release, "boot_s": round(g.boot_s or 0, 1),
+                          "accel": "tcg"}
+                figures.append(Figure(name, f"guest ({g.kernel.release}, TCG) {fig['label']}, {mode}",
+                                      fig["value"], "x", ("<=", 1.02), fig.get("note", ""), detail))
+    except Exception as e:  # the harness raises its own errors (boot, timeout): a figure we could not get
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        done = {f.name for f in figures}
+        figures += [_missing(n, f"guest failed: {first}") for n in names if n not in done]
+    return figures
+
+
+# --- output -------------------------------------------------------------------------------------
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        mem = int(Path("/proc/meminfo").read_text().split("MemTotal:", 1)[1].split()[0]) * 1024
+    return {"nproc": len(os.sched_getaffinity(0)), "memory_bytes": mem, "kernel": platform.release(),
+            "cpu": cpu, "python": platform.python_version()}
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    if unit == "x":
+        return f"{value:.3f}x"
+    if unit == "events/s":
+        return f"{value:,.0f}/s"
+    return f"{value:.2f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
+
+
+def table(figures: list[Figure], report: dict[str, Any]) -> str:
+    m = report["machine"]
+    quick = " --quick" if report["quick"] else ""
+    head = (f"hvo-observer {report['version']} bench{quick}: {m['cpu'] or '?'}, {m['nproc']} CPUs, "
+            f"{m['memory_bytes'] / 2**30:.0f} GiB, kernel {m['kernel']}, load "
+            f"{report['loadavg']['before'][0]:.2f} -> {report['loadavg']['after'][0]:.2f}")
+    rows = [("figure", "value", "target", "result")]
+    for f in figures:
+        target = "" if f.target is None else f"{f.target[0]} {_fmt(f.target[1], f.unit)}"
+        result = {True: "pass", False: "FAIL", None: "-" if f.value is not None else "n/a"}[f.passed]
+        label = f.label if f.value is not None else f"{f.label}: {f.note}"
+        rows.append((label, _fmt(f.value, f.unit), target, result))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [head, ""]
+    for i, r in enumerate(rows):
+        lines.append(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    met = [f.passed for f in figures if f.passed is not None]
+    lines += ["", f"{sum(met)} of {len(met)} targets met"]
+    return "\n".join(lines)
