@@ -2,8 +2,7 @@
 catalog entries, to see how the daemon copes with probes that cannot be attached.
 
 The entries come from the JSON file named by $HVO_TEST_EXTRA_CATALOG:
-``[{"event": "optimize", "kind": "tracepoint", "targets": ["hvo_test:no_such_event"]}, ...]``; the BPF
-handler is the real catalog's for that event and kind unless "handler" names another.
+``[{"event": "optimize", "kind": "tracepoint", "targets": ["hvo_test:no_such_event"]}, ...]``.
 They are resolved exactly as the real catalog is (observer.probes.resolve.resolve_one) by one more
 ProbeSet, registered through the documented extension point PROBESET_FACTORIES; an entry that does
 not resolve becomes a failed Attachment with the resolver's reason, as a missing kernel symbol would.
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from observer.errors import ObserverError
-from observer.probes.catalog import CATALOG, ProbeSpec
+from observer.probes.catalog import ProbeSpec
 from observer.probes.events import EventType
 from observer.probes.probeset import PROBESET_FACTORIES, Attachment, BaseProbeSet, Resolution
 from observer.probes.resolve import resolve_one

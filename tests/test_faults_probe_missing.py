@@ -11,9 +11,7 @@ import pytest
 
 from observer.kernel import sysctl
 from tests.daemon_proc import H1G, H2M, check_exact, daemon, empty_pools, one, set_pool, settled
-from observer.kernel.facts import gather
-from observer.probes.resolve import resolve_one
-from tests.extra_catalog import ENV, load_specs
+from tests.extra_catalog import ENV
 
 pytestmark = pytest.mark.live
 
