@@ -59,8 +59,9 @@ FIGURES: dict[str, tuple[str, ...]] = {
 @dataclass(frozen=True)
 class Plan:
     pool_pages: int = 1000
+    pool_cycles: int = 3  # grow+shrink cycles per timed run: one takes only ~40 ms of CPU
     blocks: int = 5  # daemon starts of the paired overhead runs (attached first, then detached first)
-    reps: int = 3  # paired runs per block
+    reps: int = 5  # paired runs per block
     fault_bytes: int = 1 << 30
     startup_samples: int = 5
     settle_s: float = 5.0  # running before memory is read
@@ -70,8 +71,8 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(pool_pages=100, blocks=2, reps=1, fault_bytes=128 << 20, startup_samples=2, settle_s=1.0,
-             idle_s=5.0, scrapes=200, decode_events=100_000)
+QUICK = Plan(pool_pages=100, pool_cycles=1, blocks=2, reps=1, fault_bytes=128 << 20, startup_samples=2,
+             settle_s=1.0, idle_s=5.0, scrapes=200, decode_events=100_000)
 
 
 @dataclass
@@ -261,7 +262,7 @@ def _overhead(plan: Plan, wanted: set[str], start: Callable[[], Any], lock_note:
     if sysctl.read_hvo_sysctl() is not None:
         sysctl.write_hvo_sysctl(True)  # the cost with HVO at work: every page optimized and restored
     base = hugepages.by_name(hugepages.read_hstates(), H2M).nr_hugepages
-    workloads = {"pool": lambda: grow_shrink(plan.pool_pages, base),
+    workloads = {"pool": lambda: grow_shrink(plan.pool_pages, base, plan.pool_cycles),
                  "faults": lambda: touch_pages(plan.fault_bytes)}
     keys = [k for k in workloads if f"overhead_{k}" in wanted]
 
@@ -287,7 +288,7 @@ def _overhead(plan: Plan, wanted: set[str], start: Callable[[], Any], lock_note:
                     d.stop()
             else:
                 detached += [measure() for _ in range(plan.reps)]
-    labels = {"pool": f"2 MiB pool grow+shrink by {plan.pool_pages:,} pages",
+    labels = {"pool": f"2 MiB pool grow+shrink by {plan.pool_pages:,} pages",  # x pool_cycles per run
               "faults": f"{plan.fault_bytes >> 20:,} MiB of 4 KiB page faults"}
     limits = {"pool": 1.02, "faults": 1.03}
     figures = []
@@ -304,6 +305,10 @@ def _overhead(plan: Plan, wanted: set[str], start: Callable[[], Any], lock_note:
             "detached_median_wall_s": round(statistics.median(d[k].wall for d in detached), 5),
             "daemon_cpu_s_per_run": round(statistics.median(a[f"{k}_daemon_cpu"] for a in attached), 5),
         }
+        detail["cpu_ratio_quartiles"] = [round(q, 4) for q in (statistics.quantiles(cpu, n=4) if len(cpu) > 1
+                                                               else cpu)]
+        if k == "pool":
+            detail["cycles_per_run"] = plan.pool_cycles
         if lock_note:
             detail["note"] = lock_note
         figures += [

@@ -193,15 +193,18 @@ def timed(out: list[Timing]) -> Iterator[None]:
     out.append(Timing(time.perf_counter() - w0, time.thread_time() - c0))
 
 
-def grow_shrink(pages: int, base: int) -> Timing:
-    """Grow the 2 MiB pool from ``base`` by ``pages`` and shrink it back (the writer does the
-    allocation, the HVO optimization and restore, and runs every probe on the way, in its context)."""
+def grow_shrink(pages: int, base: int, cycles: int = 1) -> Timing:
+    """Grow the 2 MiB pool from ``base`` by ``pages`` and shrink it back, ``cycles`` times (the
+    writer does the allocation, the HVO optimization and restore, and runs every probe on the way,
+    in its context)."""
     from observer.kernel import hugepages
 
     out: list[Timing] = []
+    got = base + pages
     with timed(out):
-        got = hugepages.set_nr_hugepages(H2M, base + pages)
-        hugepages.set_nr_hugepages(H2M, base)
+        for _ in range(cycles):
+            got = min(got, hugepages.set_nr_hugepages(H2M, base + pages))
+            hugepages.set_nr_hugepages(H2M, base)
     if got != base + pages:
         raise ObserverError(f"the kernel gave {got - base} of {pages} 2 MiB pages (memory too fragmented "
                             "or too small): lower --pool-pages")
