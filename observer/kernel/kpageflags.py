@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from observer.errors import KernelFactError
-from observer.kernel.files import ROOT, under
+from observer.kernel.files import ROOT, open_readonly, under
 
 KPF_COMPOUND_HEAD = 15
 KPF_COMPOUND_TAIL = 16
@@ -33,14 +33,9 @@ def kpageflags_path(root: Path = ROOT) -> Path:
 
 
 def _open(path: Path) -> int:
-    try:
-        return os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise KernelFactError(f"cannot read {path}: no such file (CONFIG_PROC_PAGE_MONITOR off?)") from None
-    except PermissionError:
-        raise KernelFactError(f"cannot read {path}: permission denied (run as root)") from None
-    except OSError as e:
-        raise KernelFactError(f"cannot read {path}: {e.strerror or e}") from None
+    if not path.exists():
+        raise KernelFactError(f"cannot read {path}: no such file (CONFIG_PROC_PAGE_MONITOR off?)")
+    return open_readonly(path)
 
 
 def _pread(fd: int, path: Path, pfn: int, count: int = 1) -> bytes:
