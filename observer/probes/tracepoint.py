@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 BPF_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "pool_tracepoints.bpf.c"
 VERIFY_S = 2.0  # how long a gigantic candidate may stay unconfirmed
 RESYNC_CHECK_S = 1.0  # consistency check interval (known heads vs nr_hugepages)
-RESYNC_STUBBORN = 5  # checks in a row with a mismatch that force a resync despite pool activity
 DEFAULT_MAX_PAGE_ORDER = 10  # x86-64 and most configs; read from /proc/buddyinfo when possible
 
 # tracepoint -> (BPF function, {define prefix: field})
@@ -162,8 +161,7 @@ class TracepointProbeSet(BaseProbeSet):
         self._release: list[Event] = []  # confirmed candidates, dispatched and accounted by pending()
         self._unseen: list[Event] = []  # changes found by a resync: dispatched, already accounted
         self._events_since_check = 0
-        self._mismatches = 0  # consecutive checks where the pool sizes disagreed with the known set
-        self._quiet_mismatches = 0  # the same, counting only checks with no pool activity before
+        self._quiet_mismatches = 0  # consecutive quiet checks where pool sizes and known set disagreed
         self._next_check = 0.0
         self.resyncs = 0
         self.retracted = 0
@@ -314,8 +312,8 @@ class TracepointProbeSet(BaseProbeSet):
 
     def _check_consistency(self) -> None:
         """Resync the known set with /proc/kpageflags when the pool sizes disagree with it in two
-        checks in a row with no pool activity in between, or in RESYNC_STUBBORN checks in a row
-        whatever happened meanwhile (pools that never stand still)."""
+        checks in a row with no pool activity in between. Only at quiet moments: a rescan while pages
+        come and go (user space lags the kernel) would invent events and lose inferred ones."""
         now = time.monotonic()
         if now < self._next_check:
             return
@@ -327,12 +325,11 @@ class TracepointProbeSet(BaseProbeSet):
         except ObserverError:
             return
         if all(nr.get(o, 0) == n for o, n in self._known_count.items()):
-            self._mismatches = self._quiet_mismatches = 0
+            self._quiet_mismatches = 0
             return
-        self._mismatches += 1
         self._quiet_mismatches = self._quiet_mismatches + 1 if quiet else 0
-        if self._quiet_mismatches >= 2 or self._mismatches >= RESYNC_STUBBORN:
-            self._mismatches = self._quiet_mismatches = 0
+        if self._quiet_mismatches >= 2:
+            self._quiet_mismatches = 0
             self.resync()
 
     def resync(self) -> None:
