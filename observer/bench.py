@@ -107,6 +107,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="auto", metavar="MODE",
                    help="probe mode of the daemon under test: auto (default), fentry, kprobe, tracepoint")
     p.add_argument("--pool-pages", type=int, metavar="N", help="pages per grow/shrink (default 1000)")
+    p.add_argument("--pairs", metavar="BLOCKS,RUNS",
+                   help="overhead pairing: daemon starts, and paired runs per start (default 5,5)")
+    p.add_argument("--cycles", type=int, metavar="N",
+                   help="grow+shrink cycles per timed pool run (default 3)")
     p.add_argument("--guest", action="store_true",
                    help=f"also measure fentry and kprobe overhead in a QEMU guest (Debian {GUEST_KERNEL} "
                         "kernel; needs this source checkout's tests/vm harness; takes many minutes)")
@@ -117,10 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mode not in ("auto", "fentry", "kprobe", "tracepoint"):
         raise ObserverError(f"bad --mode {args.mode!r}: choose auto, fentry, kprobe or tracepoint")
     plan = QUICK if args.quick else FULL
-    if args.pool_pages is not None:
-        if not 1 <= args.pool_pages <= 100_000:
-            raise ObserverError(f"bad --pool-pages {args.pool_pages}: expected 1 to 100000")
-        plan = Plan(**{**asdict(plan), "pool_pages": args.pool_pages})
+    plan = _tuned(plan, args)
     if args.json is not None and not args.json.parent.is_dir():
         raise ObserverError(f"bad --json {args.json}: directory {args.json.parent} does not exist")
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -148,6 +149,24 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             raise ObserverError(f"cannot write --json {args.json}: {e.strerror or e}") from None
     return 1 if any(f.value is None for f in figures) else 0
+
+
+def _tuned(plan: Plan, args: argparse.Namespace) -> Plan:
+    changes: dict[str, int] = {}
+    if args.pool_pages is not None:
+        if not 1 <= args.pool_pages <= 100_000:
+            raise ObserverError(f"bad --pool-pages {args.pool_pages}: expected 1 to 100000")
+        changes["pool_pages"] = args.pool_pages
+    if getattr(args, "cycles", None) is not None:
+        if not 1 <= args.cycles <= 100:
+            raise ObserverError(f"bad --cycles {args.cycles}: expected 1 to 100")
+        changes["pool_cycles"] = args.cycles
+    if getattr(args, "pairs", None) is not None:
+        blocks, _, runs = args.pairs.partition(",")
+        if not (blocks.isdigit() and runs.isdigit() and 1 <= int(blocks) <= 100 and 1 <= int(runs) <= 100):
+            raise ObserverError(f"bad --pairs {args.pairs!r}: expected BLOCKS,RUNS, e.g. 5,5 (1 to 100 each)")
+        changes["blocks"], changes["reps"] = int(blocks), int(runs)
+    return Plan(**{**asdict(plan), **changes})
 
 
 def _selected(only: str | None, guest: bool) -> set[str]:
@@ -369,7 +388,9 @@ def _guest(quick: bool, plan: Plan) -> list[Figure]:
         return [_missing(n, f"the QEMU harness cannot be imported: {e}") for n in names]
     figures = []
     python = Path(sys.executable)
-    flags = "--quick" if quick else ""
+    # Under TCG one grow+shrink of 1,000 pages takes seconds and each daemon start a minute of compiling:
+    # fewer starts and one cycle per run keep a full guest run near ten minutes per mode.
+    flags = "--quick" if quick else "--pairs 3,3 --cycles 1"
     # The guest needs the pool plus room for the daemon: 2 MiB per page, and 2 GiB to spare.
     mem_mb = max(2048, plan.pool_pages * 2 + 2048)
     _progress(f"guest: booting Debian {GUEST_KERNEL} under QEMU TCG ({mem_mb} MiB)")

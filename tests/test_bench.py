@@ -84,6 +84,9 @@ def test_quick_bench_measures_every_figure(tmp_path: Path) -> None:
     (["--pool-pages", "0"], "hvo-observer: bad --pool-pages 0: expected 1 to 100000"),
     (["--pool-pages", "many"], "hvo-observer: argument --pool-pages: invalid int value: 'many'"),
     (["--mode", "ebpf"], "hvo-observer: bad --mode 'ebpf': choose auto, fentry, kprobe or tracepoint"),
+    (["--pairs", "5"], "hvo-observer: bad --pairs '5': expected BLOCKS,RUNS, e.g. 5,5 (1 to 100 each)"),
+    (["--pairs", "0,3"], "hvo-observer: bad --pairs '0,3': expected BLOCKS,RUNS"),
+    (["--cycles", "0"], "hvo-observer: bad --cycles 0: expected 1 to 100"),
     (["--json", "/nonexistent-dir/out.json"],
      "hvo-observer: bad --json /nonexistent-dir/out.json: directory /nonexistent-dir does not exist"),
 ])
