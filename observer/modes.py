@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from observer.errors import ObserverError
 from observer.kernel import bpf_trial, tracefs
 from observer.kernel.facts import KernelFacts
-from observer.kernel.files import under
+from observer.kernel.files import read_int, under
 from observer.kernel.kconfig import enabled
 
 MODES = ("fentry", "kprobe", "tracepoint")  # best first
@@ -41,7 +41,8 @@ def fentry_support(facts: KernelFacts) -> ModeSupport:
 def kprobe_support(facts: KernelFacts) -> ModeSupport:
     pmu = under(facts.root, "/sys/bus/event_source/devices/kprobe/type")
     if pmu.exists():
-        return ModeSupport(True, "")
+        # The PMU may exist and still be refused to us (perf_event_paranoid, capabilities): try it.
+        return ModeSupport(*bpf_trial.try_kprobe_event(read_int(pmu)))
     tracing = tracefs.tracefs_dir(facts.root)
     if tracing is not None and (tracing / "kprobe_events").exists():
         return ModeSupport(True, "")
@@ -59,6 +60,9 @@ def tracepoint_support(facts: KernelFacts) -> ModeSupport:
         if not tracefs.event_exists("kmem", event, facts.root):
             return ModeSupport(False, f"the kernel has no kmem:{event} tracepoint")
     ok, reason = bpf_trial.try_tracepoint_program()
+    if ok:  # loading is not attaching: the perf event may still be refused to us
+        tp_id = tracefs.event_id("kmem", "mm_page_alloc", facts.root)
+        ok, reason = bpf_trial.try_tracepoint_event(tp_id, "kmem:mm_page_alloc")
     return ModeSupport(ok, reason)
 
 

@@ -2,7 +2,10 @@
 
 Whether fentry works depends on BTF, the architecture's trampoline support, lockdown and LSMs; the
 only reliable answer is to try: load a two-instruction fentry program (``r0 = 0; exit``) against a
-function's BTF id with the raw bpf(2) syscall, attach it, and detach at once.
+function's BTF id with the raw bpf(2) syscall, attach it, and detach at once. kprobe and tracepoint
+modes attach through perf_event_open(2), which kernel.perf_event_paranoid and the caller's
+capabilities may refuse even to root (Debian's patch adds a level 3): those are tried by opening
+one such event and closing it at once.
 """
 
 from __future__ import annotations
@@ -13,6 +16,11 @@ import os
 import struct
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "loongarch64": 280, "s390x": 351}
+_SYS_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241, "riscv64": 241, "loongarch64": 241, "s390x": 331}
+PERF_TYPE_TRACEPOINT = 2
+PERF_ATTR_SIZE_VER5 = 112
+PERF_FLAG_FD_CLOEXEC = 8
+PARANOID = "/proc/sys/kernel/perf_event_paranoid"
 BPF_PROG_LOAD = 5
 BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_PROG_TYPE_TRACEPOINT = 5
@@ -32,6 +40,53 @@ def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return ret
+
+
+def _perf_event_open(ptype: int, config: int, config1: int = 0) -> None:
+    """Open one system-wide perf event on CPU 0 (as bcc attaches kprobes and tracepoints), close it."""
+    nr = _SYS_PERF_EVENT_OPEN.get(os.uname().machine)
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"no perf_event_open syscall number known for {os.uname().machine}")
+    attr = ctypes.create_string_buffer(128)
+    struct.pack_into("<IIQ", attr, 0, ptype, PERF_ATTR_SIZE_VER5, config)
+    struct.pack_into("<Q", attr, 56, config1)  # kprobe_func for the kprobe PMU
+    fd = _libc.syscall(nr, ctypes.byref(attr), -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    os.close(fd)
+
+
+def _perf_refusal(what: str, e: OSError) -> str:
+    reason = f"perf_event_open(2) refuses {what}: {e.strerror}"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        try:
+            with open(PARANOID) as f:
+                level = f.read().strip()
+        except OSError:
+            level = "?"
+        reason += (f" (kernel.perf_event_paranoid={level}; it needs CAP_PERFMON, or CAP_SYS_ADMIN on "
+                   "kernels whose level 3 asks for it)")
+    return reason
+
+
+def try_kprobe_event(pmu_type: int, symbol: str = "vfs_read") -> tuple[bool, str]:
+    """(True, "") when a kprobe on SYMBOL opens through the kprobe PMU, else (False, reason)."""
+    name = ctypes.create_string_buffer(symbol.encode())
+    try:
+        _perf_event_open(pmu_type, 0, ctypes.addressof(name))
+    except OSError as e:
+        return False, _perf_refusal(f"a kprobe event on {symbol}", e)
+    return True, ""
+
+
+def try_tracepoint_event(tracepoint_id: int, name: str) -> tuple[bool, str]:
+    """(True, "") when the tracepoint's perf event opens, else (False, reason)."""
+    try:
+        _perf_event_open(PERF_TYPE_TRACEPOINT, tracepoint_id)
+    except OSError as e:
+        return False, _perf_refusal(f"the {name} tracepoint event", e)
+    return True, ""
 
 
 def _load(prog_type: int, name: bytes, attach_type: int = 0, btf_id: int = 0) -> int:

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from observer.errors import KernelFactError
-from observer.kernel.files import ROOT, read_text, under
+from observer.kernel.files import ROOT, read_int, read_text, under
 
 TRACEFS = "/sys/kernel/tracing"
 _DEBUGFS_TRACING = "/sys/kernel/debug/tracing"
@@ -43,6 +43,12 @@ def ensure_tracefs(root: Path = ROOT) -> Path:
 def event_exists(system: str, name: str, root: Path = ROOT) -> bool:
     base = tracefs_dir(root)
     return base is not None and (base / "events" / system / name / "format").exists()
+
+
+def event_id(system: str, name: str, root: Path = ROOT) -> int:
+    """The tracepoint's id, as perf_event_open(2) takes it."""
+    base = ensure_tracefs(root)
+    return read_int(base / "events" / system / name / "id")
 
 
 def event_format(system: str, name: str, root: Path = ROOT) -> str:

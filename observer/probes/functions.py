@@ -462,7 +462,9 @@ class FunctionProbeSet(BaseProbeSet):
         try:
             if has_entry:
                 bpf.attach_kprobe(event=symbol, fn_name=entry)
-            bpf.attach_kretprobe(event=symbol, fn_name=exit_, maxactive=64)
+            # No maxactive: with it bcc writes a kprobe_events text entry, which a SIGKILLed daemon
+            # would leave behind; the kprobe PMU (perf_event_open) dies with the process.
+            bpf.attach_kretprobe(event=symbol, fn_name=exit_)
         except Exception as e:  # bcc raises bare Exception
             return False, f"attach failed: {e}"
         return True, "kprobe+kretprobe" if has_entry else "kretprobe"

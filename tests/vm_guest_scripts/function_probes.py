@@ -34,6 +34,7 @@ from observer.kernel.facts import gather
 from observer.probes.events import Event
 from observer.probes.session import ProbeSession
 from tests.vm.guest import KERNEL_ERROR
+from tests.vm_guest_scripts.gigantic import grow_1g
 
 H2M, H1G = "2048kB", "1048576kB"
 DEMOTE = Path("/sys/kernel/mm/hugepages/hugepages-1048576kB/demote")
@@ -43,9 +44,10 @@ ROOT = Path("/")
 
 
 def alloc_1g(count: int) -> None:
-    got = hugepages.set_nr_hugepages(H1G, count, ROOT)
-    if got < count:
-        raise RuntimeError(f"the kernel gave {got} of {count} 1 GiB pages (memory too fragmented?)")
+    got = grow_1g(count, ROOT)
+    if got.get("impossible"):
+        raise RuntimeError(f"the kernel gave {got['got']} of {count} 1 GiB pages in {got['attempts']} "
+                           "attempts with compaction and dropped caches (memory too fragmented?)")
 
 
 def warm_up(pages: int) -> list[str]:
