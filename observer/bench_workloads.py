@@ -266,14 +266,17 @@ def simulated_model(hstates: int = 2, nodes: int = 64) -> Any:
 
 class _Backend:
     def __init__(self, model: Any) -> None:
-        from exporters.prometheus.collector import registry
+        from exporters.prometheus.collector import Exposition
         from observer.eventlog import EventLog
         from observer.report import view_to_json
 
         self.model = model
-        self.registry = registry(model.view)
+        self.exposition = Exposition(model.view)
         self.events = EventLog(16)
         self._json = view_to_json
+
+    def metrics(self, accept: str) -> tuple[bytes, str]:
+        return self.exposition.render(accept)
 
     def health(self) -> tuple[bool, str]:
         return True, "ok"

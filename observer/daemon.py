@@ -5,12 +5,19 @@ the probes, take the baseline from the kernel's counters, then tell systemd READ
 polls the probes (events go to the model and the event ring), takes a kernel snapshot every
 ``SNAPSHOT_INTERVAL_S`` (the model decides when the kernel is quiet and reconciles), feeds the
 systemd watchdog and handles signals: SIGHUP re-reads the config file (a bad file keeps the running
-configuration), SIGTERM/SIGINT stop within ``POLL_MS`` plus the time to detach the probes.
+configuration), SIGTERM/SIGINT interrupt the poll and stop the daemon within the time to detach the
+probes.
+
+Idle: once the model has settled and no event record has arrived for ``IDLE_AFTER_S``, the loop polls
+for ``IDLE_POLL_MS`` and takes a snapshot every ``SNAPSHOT_IDLE_S`` instead; a record (the poll
+returns as soon as one arrives) or any change the model sees ends it at once. Most of an idle
+daemon's CPU time is these wake-ups and readings.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import threading
@@ -30,7 +37,12 @@ from observer.report import view_to_json
 log = logging.getLogger("hvo-observer")
 
 POLL_MS = 100
-SNAPSHOT_INTERVAL_S = 0.2
+SNAPSHOT_INTERVAL_S = 0.2  # the settle window is measured at this granularity
+# Idle: the probe sets' deferred work (1 GiB candidates, vmemmap inference windows) is done within a
+# few seconds of the last record; a change that comes with no record is seen within SNAPSHOT_IDLE_S.
+IDLE_AFTER_S = 5.0
+IDLE_POLL_MS = 2000
+SNAPSHOT_IDLE_S = 2.0
 AGGREGATES_INTERVAL_S = 2.0
 LAYOUT_INTERVAL_S = 30.0
 STALL_S = 5.0  # /healthz fails when the main loop has not turned for this long
@@ -66,6 +78,23 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def trim_heap() -> None:
+    """Hand the C heap's free memory back to the kernel. bcc's compile (clang/LLVM) frees tens of
+    MiB when it is done, but glibc keeps freed memory mapped in its arenas, where it would count as
+    the daemon's private memory for as long as it runs; malloc_trim(0) releases every free page."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to do
+        return
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    t0 = time.monotonic()
+    trim(0)
+    log.debug("malloc_trim: %.1f ms", (time.monotonic() - t0) * 1e3)
+
+
 class Daemon:
     def __init__(self, cfg: Config, config_path: Path | None, overrides: dict[str, object]) -> None:
         self.cfg = cfg
@@ -73,7 +102,7 @@ class Daemon:
         self.overrides = overrides
         self.events = EventLog(cfg.recent_events)
         self.model: Model | None = None
-        self.registry: Any = None
+        self.exposition: Any = None
         self.session: Any = None
         self.server: Any = None
         self._facts: Any = None
@@ -84,6 +113,9 @@ class Daemon:
         self._last_tick = time.monotonic()
 
     # --- Backend for the HTTP server -------------------------------------------------------
+    def metrics(self, accept: str) -> tuple[bytes, str]:
+        return self.exposition.render(accept)
+
     def health(self) -> tuple[bool, str]:
         if self._stop.is_set():
             return False, "stopping"
@@ -131,14 +163,14 @@ class Daemon:
         signal.signal(signal.SIGHUP, reload)
 
     def _start(self) -> None:
-        from exporters.prometheus.collector import registry
+        from exporters.prometheus.collector import Exposition
         from observer.kernel.facts import gather
         from observer.snapshot import SnapshotReader
 
         self._facts = facts = gather()
         self.model = Model.for_facts(facts, self.cfg.settle_seconds)
         specs = self.model.hstates
-        self.registry = registry(self.model.view)
+        self.exposition = Exposition(self.model.view)
         self.server = self._bind(self.cfg)
         self.server.start()
         log.info("listening on %s (/metrics, /healthz, /api/v1)", self.server.listen)
@@ -152,6 +184,7 @@ class Daemon:
         pools = ", ".join(f"{h} {view.optimized(h)}/{snap.pool_pages(h)} optimized" for h in specs)
         log.info("baseline: %s (%s)", pools or "no hstates",
                  "exact" if info.exact else f"not exact: {info.note}")
+        self._release_startup_memory()
 
     def _bind(self, cfg: Config) -> Any:
         from observer.http_api import ApiServer
@@ -195,6 +228,16 @@ class Daemon:
                  len(probes), session.startup_s, " (degraded)" if degraded else "")
         return session
 
+    def _release_startup_memory(self) -> None:
+        """Private memory the running daemon does not need. Resolving and compiling the probes
+        needs the kernel's BTF (parsed, about 35 MiB of Python objects for a 6.x vmlinux) and, in
+        function modes, kallsyms; nothing uses them afterwards. Deleting a KernelFacts cached
+        property drops its value: a reload that restarts the probes reads them again."""
+        for name in ("btf", "kallsyms"):
+            with contextlib.suppress(AttributeError):  # never read (tracepoint mode: no kallsyms)
+                delattr(self._facts, name)
+        trim_heap()
+
     def _on_event(self, ev: Event) -> None:
         assert self.model is not None
         self.model.on_event(ev)
@@ -203,26 +246,34 @@ class Daemon:
     def _loop(self) -> None:
         assert self.model is not None
         watchdog = sd_notify.watchdog_seconds()
-        next_snap = next_agg = next_wd = 0.0
+        last_snap, next_agg, next_wd = float("-inf"), 0.0, 0.0
         agg_ns = 0
         next_layout = time.monotonic() + LAYOUT_INTERVAL_S
+        records, active = self.session.records, time.monotonic()  # last record, or the model unsettled
         while not self._stop.is_set():
-            self.session.poll(POLL_MS)
+            if self.session.records != records or not self.model.settled:
+                records, active = self.session.records, time.monotonic()
+            idle = time.monotonic() - active >= IDLE_AFTER_S
+            self.session.poll(IDLE_POLL_MS if idle else POLL_MS)
             now = time.monotonic()
             self._last_tick = now
             if now >= next_layout:
                 self._reader.refresh_layout()
                 next_layout = now + LAYOUT_INTERVAL_S
-            if now >= next_snap:
+            if now - last_snap >= (SNAPSHOT_IDLE_S if idle else SNAPSHOT_INTERVAL_S):
                 agg = None
-                # Reading the per-CPU aggregates costs tens of ms: every AGGREGATES_INTERVAL_S, and once
-                # more right before a quiet moment is evaluated, so a loss is never judged on stale data.
-                due, quiet_since = self.model.settle_due()
+                # Reading the per-CPU aggregates costs a ms (tens when the histogram moved): every
+                # AGGREGATES_INTERVAL_S, and once more right before a quiet moment is evaluated, so a
+                # loss is never judged on stale data.
+                # One instant for both decisions: were the quiet moment judged later than the
+                # aggregates were considered (a slow snapshot read), it could settle on stale counts.
+                snap, judged_at = self._reader.read(), time.monotonic_ns()
+                due, quiet_since = self.model.settle_due(judged_at)
                 if now >= next_agg or (due and agg_ns < quiet_since):
                     agg, agg_ns = self.session.aggregates(), time.monotonic_ns()
                     next_agg = now + AGGREGATES_INTERVAL_S
-                self.model.observe(self._reader.read(), agg)
-                next_snap = now + SNAPSHOT_INTERVAL_S
+                self.model.observe(snap, agg, judged_at)
+                last_snap = now
             if watchdog and now >= next_wd:
                 sd_notify.notify("WATCHDOG=1")
                 next_wd = now + watchdog / 2
@@ -287,6 +338,7 @@ class Daemon:
         self.model.session_restarted()
         try:
             self.session = self._start_session(new)
+            self._release_startup_memory()
         except ObserverError as e:
             log.error("reload: cannot start probes in %s mode (%s); back to %s", new.mode, e, old.mode)
             self.session = self._start_session(old)  # if this fails too, the daemon exits with the reason

@@ -16,22 +16,25 @@ connections are served at once (more get 503 and are closed), one request per co
 slowloris client dribbling bytes is cut off), sockets time out after 10 s of no progress in either
 direction, streams may take at most half of the slots (idle stream readers cannot starve scrapes),
 and the stream reads the shared event ring instead of queueing per client.
+
+No thread is started per request (on a busy machine, waiting for a new thread to run cost a scrape
+tens of milliseconds at times): connections go to a pool of worker threads that grows on demand to
+at most ``max_clients`` and stays, one worker per connection being served, and the header deadline
+is checked at each receive instead of by a timer thread.
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import logging
+import queue
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import parse_qs, urlsplit
-
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
 from observer import __version__
 from observer.eventlog import EventLog
@@ -46,12 +49,32 @@ EVENTS_LIMIT_DEFAULT, EVENTS_LIMIT_MAX = 1000, 10000
 
 
 class Backend(Protocol):
-    registry: CollectorRegistry
     events: EventLog
+
+    def metrics(self, accept: str) -> tuple[bytes, str]: ...  # body and content type of /metrics
 
     def health(self) -> tuple[bool, str]: ...
 
     def status(self) -> dict[str, Any]: ...
+
+
+class _DeadlineIO(socket.SocketIO):
+    """A socket's read side whose reads fail with TimeoutError once ``deadline`` (monotonic) passed:
+    one absolute deadline for the request line and headers, checked at every receive, so a client
+    that dribbles one byte a second cannot hold its slot (per-read timeouts alone would let it), and
+    no timer thread is needed per request."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__(sock, "rb")
+        self.deadline: float | None = deadline
+
+    def readinto(self, b: Any) -> int | None:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("request line and headers took too long")
+            self._sock.settimeout(min(left, SOCKET_TIMEOUT_S))
+        return super().readinto(b)
 
 
 class _CappedReader:
@@ -92,6 +115,12 @@ class ApiServer(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(max_clients)
         self.stream_slots = threading.BoundedSemaphore(max(1, max_clients // 2))
         self._thread: threading.Thread | None = None
+        # Worker pool: every accepted connection holds a slot and has a worker of its own (busy <=
+        # workers), so a request never waits behind a stream; idle workers block in get().
+        self._jobs: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
+        self._pool_lock = threading.Lock()
+        self._workers = 0
+        self._busy = 0
         super().__init__(address, _Handler)
 
     @property
@@ -110,6 +139,10 @@ class ApiServer(ThreadingHTTPServer):
             self.shutdown()
             self._thread.join(timeout=2)
         self.server_close()
+        with self._pool_lock:
+            for _ in range(self._workers):
+                self._jobs.put(None)  # each worker exits once its connection is done
+            self._workers = 0
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -121,17 +154,31 @@ class ApiServer(ThreadingHTTPServer):
                 pass
             self.shutdown_request(request)
             return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
+        with self._pool_lock:
+            self._busy += 1
+            grow = self._busy > self._workers
+            if grow:
+                self._workers += 1
+            name = f"http-{self._workers}"
+        if grow:
+            try:
+                threading.Thread(target=self._work, name=name, daemon=True).start()
+            except BaseException:  # e.g. no more threads: socketserver logs it and closes the connection
+                with self._pool_lock:
+                    self._busy -= 1
+                    self._workers -= 1
+                self._slots.release()
+                raise
+        self._jobs.put((request, client_address))
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self.process_request_thread(*job)  # handles errors, closes the connection
+            finally:
+                with self._pool_lock:
+                    self._busy -= 1
+                self._slots.release()
 
 
 def _json(obj: object) -> bytes:
@@ -147,24 +194,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.rfile = _CappedReader(self.rfile, MAX_REQUEST_BYTES)  # type: ignore[assignment]
-        # An absolute deadline for the request line and headers: per-read timeouts alone let a client
-        # that sends one byte a second hold its slot for ever.
-        self._deadline = threading.Timer(HEADER_DEADLINE_S, self._cut_off)
-        self._deadline.daemon = True
-        self._deadline.start()
-
-    def _cut_off(self) -> None:
-        with contextlib.suppress(OSError):  # the pending read returns EOF: the request is dropped
-            self.connection.shutdown(socket.SHUT_RD)
-
-    def finish(self) -> None:
-        self._deadline.cancel()
-        super().finish()
+        self.rfile.close()  # replaced by a reader under the header deadline (the socket stays open)
+        self._reader = _DeadlineIO(self.connection, time.monotonic() + HEADER_DEADLINE_S)
+        self.rfile = _CappedReader(io.BufferedReader(self._reader), MAX_REQUEST_BYTES)  # type: ignore[assignment]
 
     def parse_request(self) -> bool:
-        self._deadline.cancel()
-        ok = super().parse_request()
+        ok = super().parse_request()  # reads the headers: still under the deadline
+        self._reader.deadline = None
+        self.connection.settimeout(SOCKET_TIMEOUT_S)
         if ok and self.rfile.exhausted:  # type: ignore[attr-defined]
             self.send_error(431, "Request header fields too large")
             return False
@@ -189,8 +226,8 @@ class _Handler(BaseHTTPRequestHandler):
         backend = self.server.backend
         try:
             if url.path == "/metrics":
-                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-                self._send(200, encoder(backend.registry), content_type, head)
+                body, content_type = backend.metrics(self.headers.get("Accept", ""))
+                self._send(200, body, content_type, head)
             elif url.path == "/healthz":
                 ok, reason = backend.health()
                 self._send(200 if ok else 503, f"{reason}\n".encode(), "text/plain; charset=utf-8", head)

@@ -19,6 +19,10 @@ evaluated and published (``drift_bytes`` holds the value of the last quiet momen
 flight never raise a false alarm); ``pending_drift_bytes`` is the raw, instantaneous difference.
 At a quiet moment drift must be exactly 0.
 
+Generation: every change of what ``view()`` shows (apart from the clock: ``now_ns``, ``quiet_seconds``)
+bumps ``ModelView.generation``; a reading that changed nothing does not. Consumers cache per
+generation (the view itself, the /metrics exposition), so an idle daemon computes its figures once.
+
 Resync (recompute the optimized counts from the counters, counted in ``resyncs``), always at a
 quiet moment so that no operation is half-seen:
 - events were lost (the aggregates' ``lost`` grew);
@@ -31,6 +35,7 @@ retaken (not counted as a resync) at the first quiet moment.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -102,6 +107,10 @@ class PoolView:
 
 @dataclass(frozen=True)
 class ModelView:
+    """One consistent picture of the model. Views of one generation share ``counts`` and ``hist``:
+    read them, never modify them."""
+
+    generation: int  # changes whenever anything below but now_ns/quiet_seconds changes
     now_ns: int
     page_size: int
     hstates: tuple[HstateSpec, ...]
@@ -173,20 +182,32 @@ class Model:
         # Aggregates of earlier probe sessions (config reloads) plus the current one.
         self._agg_base: tuple[dict[CountKey, int], dict[HistKey, list[int]], int] = ({}, {}, 0)
         self._agg: tuple[dict[CountKey, int], dict[HistKey, list[int]], int] = ({}, {}, 0)
+        self._generation = 0
+        self._view: ModelView | None = None  # the view of the current generation, once asked for
 
     # --- configuration ---------------------------------------------------------------------
     def set_settle_seconds(self, seconds: float) -> None:
         with self._lock:
             self.settle_ns = int(seconds * 1e9)
+            self._generation += 1
 
     def set_runtime(self, runtime: Runtime) -> None:
         with self._lock:
             self.runtime = runtime
+            self._generation += 1
 
-    def settle_due(self) -> tuple[bool, int]:
-        """(whether the next observe() would find the kernel quiet, since when it has been quiet)."""
+    @property
+    def settled(self) -> bool:
+        """Whether the last observe() found the kernel quiet, with no event since."""
+        return self._settled
+
+    def settle_due(self, now: int | None = None) -> tuple[bool, int]:
+        """(whether observe() at NOW, default the clock's now, with an unchanged snapshot would find
+        the kernel quiet; since when it has been quiet). Pass observe() the same NOW: aggregates read
+        because this said yes are then the ones the quiet moment is judged with."""
         with self._lock:
-            return self.clock() - self._quiet_since >= self.settle_ns, self._quiet_since
+            now = self.clock() if now is None else now
+            return now - self._quiet_since >= self.settle_ns, self._quiet_since
 
     def hstate_of_order(self, order: int) -> str:
         """The sysfs name of the hstate with this order (computed for orders no pool has)."""
@@ -207,6 +228,7 @@ class Model:
             self._quiet_since = self.clock()
             self._settled = False
             self._drift_bytes = self._drift_now()
+            self._generation += 1
             return info
 
     def request_resync(self, reason: str) -> None:
@@ -250,6 +272,7 @@ class Model:
     def on_event(self, ev: Event) -> None:
         with self._lock:
             self.events_seen += 1
+            self._generation += 1
             self._quiet_since = self.clock()
             self._settled = False
             base = self.baseline_info
@@ -279,12 +302,14 @@ class Model:
         return nodes[0] if nodes else 0
 
     # --- kernel readings -------------------------------------------------------------------
-    def observe(self, snap: KernelSnapshot, aggregates: object | None = None) -> None:
-        """A new snapshot (and, optionally, the probe session's Aggregates); evaluates settling."""
+    def observe(self, snap: KernelSnapshot, aggregates: object | None = None, now: int | None = None) -> None:
+        """A new snapshot (and, optionally, the probe session's Aggregates); evaluates settling at NOW
+        (default: the clock's now; see settle_due())."""
         with self._lock:
+            before = self._shown()
             if aggregates is not None:
                 self._take_aggregates(aggregates)
-            now = self.clock()
+            now = self.clock() if now is None else now
             if snap.change_key() != self._snap_key:
                 self._quiet_since = now
                 if self.baseline_info is not None and self.baseline_info.provisional:
@@ -293,6 +318,17 @@ class Model:
             self._settled = now - self._quiet_since >= self.settle_ns
             if self._settled:
                 self._settle(snap)
+            if self._shown() != before:  # most readings of an idle kernel change nothing
+                self._generation += 1
+
+    def _shown(self) -> tuple[object, ...]:
+        """What observe() may change of the view (the snapshot without its time stamp). Cheap: the
+        dicts are compared, not copied (snapshots and aggregates are replaced, never modified)."""
+        s = self.snapshot
+        snap = None if s is None else (s.pools, s.memmap_pages, s.memmap_counters, s.full_memmap_pages,
+                                       s.hvo_enabled)
+        return (snap, self._agg, self._settled, self._drift_bytes, self._inconsistent, self.resyncs,
+                self.last_resync, self.baseline_info, tuple(self.optimized.items()))
 
     def _accept_snapshot(self, snap: KernelSnapshot) -> None:
         self.snapshot = snap
@@ -324,6 +360,7 @@ class Model:
             self._agg = ({}, {}, 0)
             self._lost_seen = 0
             self._pending_resync = self._pending_resync or "probes restarted"
+            self._generation += 1
 
     def _settle(self, snap: KernelSnapshot) -> None:
         base = self.baseline_info
@@ -380,34 +417,42 @@ class Model:
     def view(self) -> ModelView:
         with self._lock:
             now = self.clock()
-            snap = self.snapshot or KernelSnapshot(taken_ns=now)
-            pools = []
-            for key in sorted(set(snap.pools) | set(self.optimized)):
-                p = snap.pools.get(key, PoolPages(0))
-                pools.append(PoolView(key[0], key[1], p.pages, p.free, p.surplus, self.optimized.get(key, 0)))
-            bc, bh, bl = self._agg_base
-            c, h, lost = self._agg
-            counts = dict(bc)
-            for k, v in c.items():
-                counts[k] = counts.get(k, 0) + v
-            hist = {k: list(v) for k, v in bh.items()}
-            for k, v in h.items():
-                acc = hist.setdefault(k, [0] * len(v))
-                for i, x in enumerate(v):
-                    acc[i] += x
-            quiet = now - self._quiet_since
-            return ModelView(
-                now_ns=now, page_size=self.page_size,
-                hstates=tuple(sorted(self.hstates.values(), key=lambda s: s.order)),
-                pools=tuple(pools),
-                expected_saved_pages=self._expected_pages(),
-                kernel_saved_pages=snap.saved_pages,
-                memmap_pages=snap.memmap_pages, memmap_counters=snap.memmap_counters,
-                full_memmap_pages=snap.full_memmap_pages,
-                drift_bytes=self._drift_bytes, pending_drift_bytes=self._drift_now(),
-                settled=self._settled,
-                quiet_seconds=quiet / 1e9, settle_seconds=self.settle_ns / 1e9,
-                hvo_enabled=snap.hvo_enabled, resyncs=self.resyncs, last_resync=self.last_resync,
-                events_lost=bl + lost, events_seen=self.events_seen, counts=counts, hist=hist,
-                baseline=self.baseline_info, inconsistent=self._inconsistent, runtime=self.runtime,
-            )
+            quiet = (now - self._quiet_since) / 1e9
+            cached = self._view
+            if cached is not None and cached.generation == self._generation:
+                return dataclasses.replace(cached, now_ns=now, quiet_seconds=quiet)
+            self._view = self._build_view(now, quiet)
+            return self._view
+
+    def _build_view(self, now: int, quiet: float) -> ModelView:
+        """Called with the lock held."""
+        snap = self.snapshot or KernelSnapshot(taken_ns=now)
+        pools = []
+        for key in sorted(set(snap.pools) | set(self.optimized)):
+            p = snap.pools.get(key, PoolPages(0))
+            pools.append(PoolView(key[0], key[1], p.pages, p.free, p.surplus, self.optimized.get(key, 0)))
+        bc, bh, bl = self._agg_base
+        c, h, lost = self._agg
+        counts = dict(bc)
+        for k, v in c.items():
+            counts[k] = counts.get(k, 0) + v
+        hist = {k: list(v) for k, v in bh.items()}
+        for k, v in h.items():
+            acc = hist.setdefault(k, [0] * len(v))
+            for i, x in enumerate(v):
+                acc[i] += x
+        return ModelView(
+            generation=self._generation, now_ns=now, page_size=self.page_size,
+            hstates=tuple(sorted(self.hstates.values(), key=lambda s: s.order)),
+            pools=tuple(pools),
+            expected_saved_pages=self._expected_pages(),
+            kernel_saved_pages=snap.saved_pages,
+            memmap_pages=snap.memmap_pages, memmap_counters=snap.memmap_counters,
+            full_memmap_pages=snap.full_memmap_pages,
+            drift_bytes=self._drift_bytes, pending_drift_bytes=self._drift_now(),
+            settled=self._settled,
+            quiet_seconds=quiet, settle_seconds=self.settle_ns / 1e9,
+            hvo_enabled=snap.hvo_enabled, resyncs=self.resyncs, last_resync=self.last_resync,
+            events_lost=bl + lost, events_seen=self.events_seen, counts=counts, hist=hist,
+            baseline=self.baseline_info, inconsistent=self._inconsistent, runtime=self.runtime,
+        )

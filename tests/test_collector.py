@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporters.prometheus.collector import METRICS, histogram_buckets, registry
+from exporters.prometheus.collector import METRICS, Exposition, histogram_buckets, registry
+from observer import http_api
 from observer.eventlog import EventLog
 from observer.http_api import MAX_REQUEST_BYTES, ApiServer
 from observer.model import HstateSpec, Model, ProbeState, Runtime
@@ -33,8 +34,11 @@ SPECS = {"2048kB": HstateSpec("2048kB", 9, 7), "1048576kB": HstateSpec("1048576k
 class Backend:
     def __init__(self, model: Model) -> None:
         self.model = model
-        self.registry = registry(model.view)
+        self.exposition = Exposition(model.view)
         self.events = EventLog(64)
+
+    def metrics(self, accept: str) -> tuple[bytes, str]:
+        return self.exposition.render(accept)
 
     def health(self) -> tuple[bool, str]:
         return True, "ok"
@@ -215,6 +219,50 @@ def test_oversized_request_is_refused_without_reading_it_all(served: tuple[ApiSe
     assert status in (413, 414, 431)
 
 
+def test_headers_dribbled_past_the_deadline_are_dropped(served: tuple[ApiServer, Backend],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline covers the headers too, not only the request line: a client that sends a valid
+    request line, then one header byte every 0.1 s, is cut off instead of holding its slot."""
+    monkeypatch.setattr(http_api, "HEADER_DEADLINE_S", 0.5)
+    server, _ = served
+    answer, closed = b"", False
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\nX-Slow: ")
+        s.settimeout(0.1)
+        for _ in range(300):  # 30 s of dribbling at most
+            try:
+                s.sendall(b"x")
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:  # reset: the server closed while we were still sending
+                closed = True
+                break
+            answer += chunk
+            if not chunk:
+                closed = True
+                break
+    assert closed and not answer.startswith(b"HTTP/1.0 200"), answer[:80]
+    assert get(server, "/metrics")[0] == 200
+
+
+def test_requests_start_no_thread_each(served: tuple[ApiServer, Backend],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections go to a pool of workers that grows to at most max_clients (4 here) and stays."""
+    server, _ = served
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def counting_start(self: threading.Thread) -> None:
+        started.append(self.name)
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    for _ in range(50):
+        assert get(server, "/metrics")[0] == 200
+    assert len(started) <= 4, started
+
+
 def test_clients_beyond_the_limit_get_503_and_the_server_recovers(served: tuple[ApiServer, Backend]) -> None:
     server, _ = served
     idle = []
@@ -279,3 +327,31 @@ def test_readme_documents_every_metric() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [name for name in METRICS if f"| `{name}` |" not in readme]
     assert not missing, f"README's metric table lacks {missing}"
+
+
+@pytest.mark.parametrize("accept", ["", "application/openmetrics-text; version=1.0.0"])
+def test_exposition_is_the_registry_encoding_of_the_current_model(accept: str) -> None:
+    from prometheus_client.exposition import choose_encoder
+
+    model = Model(SPECS, 4096, settle_seconds=0.05)
+    model.take_baseline(snapshot(16, 16, 1, 1))
+    exposition = Exposition(model.view, process=False)
+    encoder, content_type = choose_encoder(accept)
+
+    def fresh() -> bytes:
+        return encoder(registry(model.view, process=False))
+
+    body, ctype = exposition.render(accept)
+    assert (body, ctype) == (fresh(), content_type)
+    assert exposition.render(accept)[0] is body  # nothing changed: the encoded body is reused
+
+    model.on_event(event(EventType.RESTORE, 9))
+    model.observe(snapshot(15, 15, 1, 1), Aggregates(counts={(EventType.RESTORE, 9, Result.OK): 1}))
+    changed = exposition.render(accept)[0]
+    assert changed != body and changed == fresh()
+    assert b'hvo_hugepages{hstate="2048kB",node="0"} 15.0' in changed
+
+    with_process = Exposition(model.view).render(accept)[0]
+    assert with_process.startswith(changed.removesuffix(b"# EOF\n"))
+    assert b"process_resident_memory_bytes" in with_process
+    assert with_process.count(b"# EOF") == (1 if "openmetrics" in accept else 0)

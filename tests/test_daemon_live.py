@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from observer.daemon import IDLE_AFTER_S, SNAPSHOT_IDLE_S
 from observer.kernel import hugepages, sysctl
 from tests.daemon_proc import H1G, H2M, PAGE, WAIT_S, check_exact, daemon, empty_pools, one, set_pool, settled
 
@@ -120,6 +121,29 @@ def test_daemon_started_on_a_full_pool_is_exact_at_once(host: None, tmp_path: Pa
             pass
         assert "STOPPING=1" in rest
     notify.close()
+
+
+def test_an_idle_daemon_still_sees_every_change(host: None, tmp_path: Path) -> None:
+    """Idle (settled, no record for IDLE_AFTER_S) the daemon polls and reads the kernel slowly; a
+    change without any event (the sysctl) must still show, and events must end idleness."""
+    sysctl.write_hvo_sysctl(True)
+    with daemon(tmp_path) as d:
+        settled(d)
+        time.sleep(IDLE_AFTER_S + SNAPSHOT_IDLE_S)  # idle now
+        sysctl.write_hvo_sysctl(False)
+        deadline = time.monotonic() + WAIT_S
+        while one(d.scrape(), "hvo_hvo_enabled") != 0:
+            if time.monotonic() > deadline:
+                pytest.fail(f"an idle daemon never noticed the sysctl going off:\n{d.output()}")
+            time.sleep(0.2)
+        settled(d)
+        time.sleep(IDLE_AFTER_S + SNAPSHOT_IDLE_S)  # idle again
+        sysctl.write_hvo_sysctl(True)
+        set_pool(H2M, 8)
+        check_exact(settled(d), {H2M: 8, H1G: 0}, {H2M: 8, H1G: 0}, "grown while idle")
+        set_pool(H2M, 0)
+        check_exact(settled(d), {H2M: 0, H1G: 0}, {H2M: 0, H1G: 0}, "shrunk")
+        assert d.stop() == 0
 
 
 def test_kill_9_and_restart_during_churn_is_exact_after_settling(host: None, tmp_path: Path) -> None:

@@ -190,3 +190,15 @@ def test_a_kernel_file_that_becomes_unreadable_while_running(tmp_path: Path, tar
         if d.proc.poll() is None:
             d.kill()
     assert "Traceback" not in d.full_output()
+
+
+@pytest.mark.live
+@pytest.mark.parametrize(("mode", "reason"), [
+    ("kprobe", "kprobe mode is not available: the kernel is built without kprobes"),
+    ("fentry", "fentry mode is not available: the kernel refuses to load an fentry program"),
+])
+def test_a_mode_this_kernel_refuses_fails_at_once_with_the_kernels_reason(mode: str, reason: str) -> None:
+    """This machine's kernel has neither kprobes nor a usable fentry: asking for them is refused
+    before any compile, with the trial's reason (the same one `doctor` shows)."""
+    skip_unless_possible()
+    assert reason in one_line_error(run("--mode", mode, "--listen", "127.0.0.1:0"), logged=True)

@@ -352,3 +352,65 @@ def test_split_rules() -> None:
     assert split_by_node(3, {0: 4}) == ({0: 3}, True)
     assert split_by_node(6, {0: 4, 1: 2}) == ({0: 4, 1: 2}, True)
     assert split_by_node(3, {0: 4, 1: 2}) == ({0: 2, 1: 1}, False)
+
+
+def test_generation_moves_only_when_the_view_changes(world: tuple[Model, Kernel, Clock]) -> None:
+    model, kernel, clock = world
+    first = model.view()
+    for _ in range(5):  # an idle kernel read again and again: nothing to recompute
+        clock.advance(0.2)
+        model.observe(kernel.snap(), Aggregates())
+    again = model.view()
+    assert again.generation == first.generation
+    assert again.now_ns > first.now_ns and again.quiet_seconds > first.quiet_seconds  # the clock still runs
+    assert again.counts is first.counts  # the same generation's figures are not rebuilt
+
+    grow(model, kernel, clock, "2048kB", 1, optimize=True)  # events
+    assert model.view().generation > again.generation
+    settle(model, kernel, clock)
+    settled = model.view()
+    assert settled.settled and settled.optimized("2048kB") == 1
+
+    kernel.sysctl = False  # a reading that differs, with no event
+    model.observe(kernel.snap())
+    assert model.view().generation > settled.generation and model.view().hvo_enabled is False
+
+    before = model.view().generation
+    model.observe(kernel.snap(), Aggregates(counts={(EventType.OPTIMIZE, 9, Result.OK): 1}))
+    assert model.view().generation > before  # new aggregates
+    assert model.view().counts == {(EventType.OPTIMIZE, 9, Result.OK): 1}
+
+
+def test_views_of_one_generation_equal_a_fresh_build(world: tuple[Model, Kernel, Clock]) -> None:
+    model, kernel, clock = world
+    grow(model, kernel, clock, "1048576kB", 1, optimize=True)
+    settle(model, kernel, clock)
+    model.view()
+    clock.advance(0.2)
+    model.observe(kernel.snap())  # changes nothing: the next view comes from the cache
+    cached = model.view()
+    model._view = None  # what view() would compute without the cache
+    fresh = model.view()
+    assert cached.generation == fresh.generation
+    assert cached == fresh
+
+
+def test_a_quiet_moment_is_judged_at_the_instant_its_aggregates_were_chosen(
+        world: tuple[Model, Kernel, Clock]) -> None:
+    """The daemon asks settle_due() whether to read fresh aggregates, reads the snapshot, then calls
+    observe(): with one instant for both, a quiet moment never settles on aggregates read before the
+    last event (a slow snapshot read in between used to let it)."""
+    model, kernel, clock = world
+    grow(model, kernel, clock, "2048kB", 4, optimize=True)
+    model.observe(kernel.snap())
+    clock.advance(0.99)  # just short of the 1 s settle window
+    judged_at = clock.now
+    due, quiet_since = model.settle_due(judged_at)
+    assert not due and quiet_since < judged_at
+    clock.advance(0.05)  # the snapshot read took long: the window has passed by now
+    model.observe(kernel.snap(), None, judged_at)
+    assert not model.view().settled  # judged when the aggregates were not due: not settled
+    assert model.settle_due(clock.now)[0]
+    model.observe(kernel.snap(), Aggregates(counts={(EventType.OPTIMIZE, 9, Result.OK): 4}), clock.now)
+    v = model.view()
+    assert v.settled and v.counts[(EventType.OPTIMIZE, 9, Result.OK)] == 4

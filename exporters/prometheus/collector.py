@@ -1,16 +1,21 @@
 """The Prometheus collector: every family is computed from ONE model view taken at scrape time, so
 a scrape is a consistent picture (pools, optimized pages, savings and drift from the same moment).
 
+``Exposition(view).render(accept)`` is what GET /metrics serves: the model's families are encoded
+once per model generation (the model changes only when an event arrives or a kernel reading differs,
+so an idle daemon's scrapes reuse one body), the process metrics afresh at every scrape.
 ``registry(view)`` builds a registry holding only this collector and the process metrics.
 Metric names and help texts are listed in METRICS (the README's table is generated from it).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
@@ -94,113 +99,127 @@ class HvoCollector(Collector):
         return []  # computed at scrape time only; registering must not take a view
 
     def collect(self) -> Iterator[Metric]:
-        v = self._view()
-        rt = v.runtime
-        order_name = {s.order: s.name for s in v.hstates}
+        return families(self._view())
 
-        def hstate(order: int) -> str:
-            return order_name.get(order) or f"{(v.page_size << order) // 1024}kB"
 
-        g = _gauge("hvo_build_info", ["version", "kernel", "mode"])
-        g.add_metric([rt.version, rt.kernel, rt.mode], 1)
+class _ViewCollector(Collector):
+    """The families of one given view (what an encoder is handed to encode that view)."""
+
+    def __init__(self, view: ModelView) -> None:
+        self._v = view
+
+    def collect(self) -> Iterator[Metric]:
+        return families(self._v)
+
+
+def families(v: ModelView) -> Iterator[Metric]:
+    """Every hvo_* family, computed from this one view."""
+    rt = v.runtime
+    order_name = {s.order: s.name for s in v.hstates}
+
+    def hstate(order: int) -> str:
+        return order_name.get(order) or f"{(v.page_size << order) // 1024}kB"
+
+    g = _gauge("hvo_build_info", ["version", "kernel", "mode"])
+    g.add_metric([rt.version, rt.kernel, rt.mode], 1)
+    yield g
+    if v.hvo_enabled is not None or v.hstates:
+        g = _gauge("hvo_hvo_enabled")
+        enabled = v.hvo_enabled if v.hvo_enabled is not None else any(s.eligible for s in v.hstates)
+        g.add_metric([], int(enabled))
         yield g
-        if v.hvo_enabled is not None or v.hstates:
-            g = _gauge("hvo_hvo_enabled")
-            enabled = v.hvo_enabled if v.hvo_enabled is not None else any(s.eligible for s in v.hstates)
-            g.add_metric([], int(enabled))
-            yield g
-        g = _gauge("hvo_mode_degraded")
-        g.add_metric([], int(rt.degraded))
+    g = _gauge("hvo_mode_degraded")
+    g.add_metric([], int(rt.degraded))
+    yield g
+    g = _gauge("hvo_probe_attached", ["probe", "event", "mode"])
+    for p in rt.probes:
+        g.add_metric([p.probe, p.event, p.mode], int(p.attached))
+    yield g
+
+    pools = _gauge("hvo_hugepages", ["hstate", "node"])
+    free = _gauge("hvo_hugepages_free", ["hstate", "node"])
+    surplus = _gauge("hvo_hugepages_surplus", ["hstate", "node"])
+    optimized = _gauge("hvo_optimized_hugepages", ["hstate", "node"])
+    for p in v.pools:
+        labels = [p.hstate, str(p.node)]
+        pools.add_metric(labels, p.pages)
+        free.add_metric(labels, p.free)
+        surplus.add_metric(labels, p.surplus)
+        optimized.add_metric(labels, p.optimized)
+    yield from (pools, free, surplus, optimized)
+
+    g = _gauge("hvo_vmemmap_freeable_pages", ["hstate"])
+    for s in v.hstates:
+        g.add_metric([s.name], s.freeable_pages)
+    yield g
+
+    # Totals carry only `source`; the per-hstate/node breakdown of "expected" adds hstate and node,
+    # so rules select one or the other with hstate="" / hstate!="".
+    saved = Metric("hvo_vmemmap_saved_bytes", METRICS["hvo_vmemmap_saved_bytes"], "gauge")
+    name = "hvo_vmemmap_saved_bytes"
+    saved.samples.append(Sample(name, {"source": "expected"}, v.expected_saved_pages * v.page_size))
+    if v.kernel_saved_pages is not None:
+        saved.samples.append(Sample(name, {"source": "kernel"}, v.kernel_saved_pages * v.page_size))
+    freeable = {s.name: s.freeable_pages for s in v.hstates}
+    for p in v.pools:
+        saved.samples.append(Sample(name, {"source": "expected", "hstate": p.hstate, "node": str(p.node)},
+                                    p.optimized * freeable.get(p.hstate, 0) * v.page_size))
+    yield saved
+
+    if v.memmap_counters is not None:
+        g = _gauge("hvo_memmap_pages", ["counter"])
+        g.add_metric(["nr_memmap_pages"], v.memmap_counters[0])
+        g.add_metric(["nr_memmap_boot_pages"], v.memmap_counters[1])
         yield g
-        g = _gauge("hvo_probe_attached", ["probe", "event", "mode"])
-        for p in rt.probes:
-            g.add_metric([p.probe, p.event, p.mode], int(p.attached))
+    if v.full_memmap_pages is not None:
+        g = _gauge("hvo_memmap_unoptimized_pages")
+        g.add_metric([], v.full_memmap_pages)
         yield g
 
-        pools = _gauge("hvo_hugepages", ["hstate", "node"])
-        free = _gauge("hvo_hugepages_free", ["hstate", "node"])
-        surplus = _gauge("hvo_hugepages_surplus", ["hstate", "node"])
-        optimized = _gauge("hvo_optimized_hugepages", ["hstate", "node"])
-        for p in v.pools:
-            labels = [p.hstate, str(p.node)]
-            pools.add_metric(labels, p.pages)
-            free.add_metric(labels, p.free)
-            surplus.add_metric(labels, p.surplus)
-            optimized.add_metric(labels, p.optimized)
-        yield from (pools, free, surplus, optimized)
-
-        g = _gauge("hvo_vmemmap_freeable_pages", ["hstate"])
-        for s in v.hstates:
-            g.add_metric([s.name], s.freeable_pages)
+    if v.drift_bytes is not None:
+        g = _gauge("hvo_reconcile_drift_bytes")
+        g.add_metric([], v.drift_bytes)
+        yield g
+    if v.pending_drift_bytes is not None:
+        g = _gauge("hvo_reconcile_pending_drift_bytes")
+        g.add_metric([], v.pending_drift_bytes)
+        yield g
+    for metric, value in (("hvo_reconcile_settled", int(v.settled)),
+                          ("hvo_reconcile_settle_window_seconds", v.settle_seconds),
+                          ("hvo_reconcile_byte_truth", int(v.byte_truth)),
+                          ("hvo_reconcile_inconsistent", int(bool(v.inconsistent))),
+                          ("hvo_baseline_exact", int(bool(v.baseline and v.baseline.exact)))):
+        g = _gauge(metric)
+        g.add_metric([], value)
         yield g
 
-        # Totals carry only `source`; the per-hstate/node breakdown of "expected" adds hstate and node,
-        # so rules select one or the other with hstate="" / hstate!="".
-        saved = Metric("hvo_vmemmap_saved_bytes", METRICS["hvo_vmemmap_saved_bytes"], "gauge")
-        name = "hvo_vmemmap_saved_bytes"
-        saved.samples.append(Sample(name, {"source": "expected"}, v.expected_saved_pages * v.page_size))
-        if v.kernel_saved_pages is not None:
-            saved.samples.append(Sample(name, {"source": "kernel"}, v.kernel_saved_pages * v.page_size))
-        freeable = {s.name: s.freeable_pages for s in v.hstates}
-        for p in v.pools:
-            saved.samples.append(Sample(name, {"source": "expected", "hstate": p.hstate, "node": str(p.node)},
-                                        p.optimized * freeable.get(p.hstate, 0) * v.page_size))
-        yield saved
+    c = CounterMetricFamily("hvo_events", METRICS["hvo_events_total"],
+                            labels=["event", "hstate", "result"])
+    counts = dict(v.counts)
+    for s in v.hstates:
+        for ev, results in _ZERO_SERIES:
+            for res in results:
+                counts.setdefault((ev, s.order, res), 0)
+    for (ev, order, res), n in sorted(counts.items()):
+        c.add_metric([ev.label, hstate(order), res.label], n)
+    yield c
+    c = CounterMetricFamily("hvo_events_lost", METRICS["hvo_events_lost_total"])
+    c.add_metric([], v.events_lost)
+    yield c
+    c = CounterMetricFamily("hvo_resyncs", METRICS["hvo_resyncs_total"])
+    c.add_metric([], v.resyncs)
+    yield c
 
-        if v.memmap_counters is not None:
-            g = _gauge("hvo_memmap_pages", ["counter"])
-            g.add_metric(["nr_memmap_pages"], v.memmap_counters[0])
-            g.add_metric(["nr_memmap_boot_pages"], v.memmap_counters[1])
-            yield g
-        if v.full_memmap_pages is not None:
-            g = _gauge("hvo_memmap_unoptimized_pages")
-            g.add_metric([], v.full_memmap_pages)
-            yield g
-
-        if v.drift_bytes is not None:
-            g = _gauge("hvo_reconcile_drift_bytes")
-            g.add_metric([], v.drift_bytes)
-            yield g
-        if v.pending_drift_bytes is not None:
-            g = _gauge("hvo_reconcile_pending_drift_bytes")
-            g.add_metric([], v.pending_drift_bytes)
-            yield g
-        for metric, value in (("hvo_reconcile_settled", int(v.settled)),
-                              ("hvo_reconcile_settle_window_seconds", v.settle_seconds),
-                              ("hvo_reconcile_byte_truth", int(v.byte_truth)),
-                              ("hvo_reconcile_inconsistent", int(bool(v.inconsistent))),
-                              ("hvo_baseline_exact", int(bool(v.baseline and v.baseline.exact)))):
-            g = _gauge(metric)
-            g.add_metric([], value)
-            yield g
-
-        c = CounterMetricFamily("hvo_events", METRICS["hvo_events_total"],
-                                labels=["event", "hstate", "result"])
-        counts = dict(v.counts)
-        for s in v.hstates:
-            for ev, results in _ZERO_SERIES:
-                for res in results:
-                    counts.setdefault((ev, s.order, res), 0)
-        for (ev, order, res), n in sorted(counts.items()):
-            c.add_metric([ev.label, hstate(order), res.label], n)
-        yield c
-        c = CounterMetricFamily("hvo_events_lost", METRICS["hvo_events_lost_total"])
-        c.add_metric([], v.events_lost)
-        yield c
-        c = CounterMetricFamily("hvo_resyncs", METRICS["hvo_resyncs_total"])
-        c.add_metric([], v.resyncs)
-        yield c
-
-        h = HistogramMetricFamily("hvo_operation_duration_seconds", METRICS["hvo_operation_duration_seconds"],
-                                  labels=["op", "hstate"])
-        hist = dict(v.hist)
-        for s in v.hstates:  # every op/hstate series exists from the first scrape, like hvo_events_total
-            for ev in (EventType.OPTIMIZE, EventType.RESTORE):
-                hist.setdefault((ev, s.order), [0] * HIST_BUCKETS)
-        for (ev, order), buckets in sorted(hist.items()):
-            cumulative, total = histogram_buckets(buckets)
-            h.add_metric([ev.label, hstate(order)], cumulative, total)
-        yield h
+    h = HistogramMetricFamily("hvo_operation_duration_seconds", METRICS["hvo_operation_duration_seconds"],
+                              labels=["op", "hstate"])
+    hist = dict(v.hist)
+    for s in v.hstates:  # every op/hstate series exists from the first scrape, like hvo_events_total
+        for ev in (EventType.OPTIMIZE, EventType.RESTORE):
+            hist.setdefault((ev, s.order), [0] * HIST_BUCKETS)
+    for (ev, order), buckets in sorted(hist.items()):
+        cumulative, total = histogram_buckets(buckets)
+        h.add_metric([ev.label, hstate(order)], cumulative, total)
+    yield h
 
 
 def registry(view: Callable[[], ModelView], process: bool = True) -> CollectorRegistry:
@@ -209,3 +228,40 @@ def registry(view: Callable[[], ModelView], process: bool = True) -> CollectorRe
     if process:
         ProcessCollector(registry=reg)
     return reg
+
+
+_OPENMETRICS_EOF = b"# EOF\n"
+_MAX_BODIES = 8  # formats cached per generation (Accept headers may vary the version/escaping)
+
+
+class Exposition:
+    """The body of GET /metrics for one model: its families encoded once per model generation and
+    format, the process metrics (CPU, memory, fds: they change all the time) encoded at each scrape."""
+
+    def __init__(self, view: Callable[[], ModelView], process: bool = True) -> None:
+        self._view = view
+        self._process = ProcessCollector(registry=None) if process else None
+        self._lock = threading.Lock()
+        self._generation = -1
+        self._bodies: dict[str, bytes] = {}  # content type -> the model's part of the body
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """(body, content type) for a request with this Accept header."""
+        encoder, content_type = choose_encoder(accept)
+        v = self._view()
+        with self._lock:
+            if v.generation > self._generation:  # generations only grow; a racing older view encodes anew
+                self._generation, self._bodies = v.generation, {}
+            body = self._bodies.get(content_type) if v.generation == self._generation else None
+        if body is None:
+            body = encoder(_ViewCollector(v))
+            with self._lock:
+                if v.generation == self._generation:
+                    if len(self._bodies) >= _MAX_BODIES:
+                        self._bodies.clear()
+                    self._bodies[content_type] = body
+        if self._process is None:
+            return body, content_type
+        if content_type.startswith("application/openmetrics-text"):  # one "# EOF" line, at the very end
+            body = body.removesuffix(_OPENMETRICS_EOF)
+        return body + encoder(self._process), content_type

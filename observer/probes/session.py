@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import importlib
 import logging
+import operator
 import os
 import time
 from collections.abc import Callable
@@ -125,10 +126,13 @@ class ProbeSession:
         self._user_counts: dict[CountKey, int] = {}
         self._user_hist: dict[HistKey, list[int]] = {}
         self._perf_lost = 0
+        self.records = 0  # records taken from the ring/perf buffer, deferred and retracted ones included
         self._observers: list[Callable[[Event], bool]] = []
         self._cb_error: BaseException | None = None
         self._ring_cb: Any = None  # keeps the ctypes callback alive
         self._layout: Any = None  # MemoryLayout for the pfn -> node map
+        self._kernel_counts: list[int] | None = None  # the `counts` map at the last aggregates()
+        self._kernel_hist: dict[HistKey, list[int]] | None = None  # `hist`, while it cannot have moved
 
     # --- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> ProbeSession:
@@ -147,6 +151,12 @@ class ProbeSession:
         if self.requested_mode == "auto":
             self.mode, self.mode_reason = select_mode(self.facts)
         else:
+            from observer import modes
+
+            # Fail before a long compile, with the kernel's reason (e.g. perf_event_paranoid).
+            support = modes.mode_support(self.facts)[self.requested_mode]
+            if not support.available:
+                raise ObserverError(f"{self.requested_mode} mode is not available: {support.reason}")
             self.mode, self.mode_reason = self.requested_mode, "requested"
         log.info("probe mode %s: %s", self.mode, self.mode_reason)
         self.timings["select"] = time.monotonic() - t0
@@ -251,6 +261,7 @@ class ProbeSession:
 
     # --- event path (keep lean: this runs once per record) -----------------------------------
     def _on_ring(self, ctx: Any, data: Any, size: int) -> int:
+        self.records += 1
         try:
             self._dispatch(decode(string_at(data, EVENT_SIZE)))
         except BaseException as e:  # re-raised by poll()
@@ -261,6 +272,7 @@ class ProbeSession:
     def _on_perf(self, cpu: int, data: Any, size: int) -> None:
         if self._cb_error is not None:
             return  # drop the rest of this poll's records: poll() raises
+        self.records += 1
         try:
             self._dispatch(decode(string_at(data, EVENT_SIZE)))
         except BaseException as e:
@@ -308,8 +320,8 @@ class ProbeSession:
         if self._bpf is None:
             raise ObserverError("probe session is not started")
         counts: dict[CountKey, int] = dict(self._user_counts)
-        raw = _read_percpu_sums(self._bpf[b"counts"])
-        for idx, n in enumerate(raw):
+        raw_counts = _read_percpu_sums(self._bpf[b"counts"])
+        for idx, n in enumerate(raw_counts):
             if n:
                 ev, rest = divmod(idx, MAX_ORDER * NR_RESULTS)
                 order, res = divmod(rest, NR_RESULTS)
@@ -317,17 +329,34 @@ class ProbeSession:
                     key = (EventType(ev), order, Result(res))
                     counts[key] = counts.get(key, 0) + n
         hist = {k: list(v) for k, v in self._user_hist.items()}
-        raw = _read_percpu_sums(self._bpf[b"hist"])
-        for idx, n in enumerate(raw):
-            if n:
-                ev, rest = divmod(idx, MAX_ORDER * HIST_BUCKETS)
-                order, bucket = divmod(rest, HIST_BUCKETS)
-                if 0 < ev < NR_EVENTS:
-                    hist.setdefault((EventType(ev), order), [0] * HIST_BUCKETS)[bucket] += n
+        for key, buckets in self._read_kernel_hist(raw_counts).items():
+            acc = hist.setdefault(key, [0] * HIST_BUCKETS)
+            for i, n in enumerate(buckets):
+                acc[i] += n
         # A failed perf_submit is also reported by the kernel as PERF_RECORD_LOST (self._perf_lost):
         # the BPF-side count alone is exact for both outputs.
         lost = _read_percpu_sums(self._bpf[b"lost"])[0]
         return Aggregates(counts=counts, hist=hist, lost=lost)
+
+    def _read_kernel_hist(self, raw_counts: list[int]) -> dict[HistKey, list[int]]:
+        """The `hist` map (32,768 per-CPU slots, the bulk of a read), read only when it may have
+        changed. hvo_emit() adds to `counts` before `hist`, and every hist entry has its count: while
+        the counts stay as they were, so does hist. A read right after the counts moved may come
+        between an event's two increments, so hist is read once more at the next call, and from then
+        on reused until the counts move again."""
+        unchanged = raw_counts == self._kernel_counts
+        self._kernel_counts = raw_counts
+        if unchanged and self._kernel_hist is not None:
+            return self._kernel_hist
+        hist: dict[HistKey, list[int]] = {}
+        raw = _read_percpu_sums(self._bpf[b"hist"])
+        for idx in (i for i, n in enumerate(raw) if n):
+            ev, rest = divmod(idx, MAX_ORDER * HIST_BUCKETS)
+            order, bucket = divmod(rest, HIST_BUCKETS)
+            if 0 < ev < NR_EVENTS:
+                hist.setdefault((EventType(ev), order), [0] * HIST_BUCKETS)[bucket] += raw[idx]
+        self._kernel_hist = hist if unchanged else None
+        return hist
 
 
 def _has_ringbuf(facts: KernelFacts) -> bool:
@@ -361,7 +390,8 @@ def _read_percpu_sums(table: Any) -> list[int]:
     ret = lib.bpf_lookup_batch(table.map_fd, None, ctypes.byref(out_batch), keys, values, ctypes.byref(count))
     if (ret == 0 or ctypes.get_errno() == errno.ENOENT) and count.value == n:  # ENOENT: reached the end
         flat = memoryview(values).cast("B").cast("Q")
-        if ncpu == 1:
-            return flat.tolist()
-        return [sum(t) for t in zip(*(flat[c::ncpu] for c in range(ncpu)), strict=True)]
+        total = flat[0::ncpu].tolist()
+        for c in range(1, ncpu):  # element-wise adds in C: a Python sum() per slot costs 10x more
+            total = list(map(operator.add, total, flat[c::ncpu].tolist()))
+        return total
     return [sum(v.value for v in table[table.Key(i)]) for i in range(n)]
