@@ -65,8 +65,11 @@ def _perf_refusal(what: str, e: OSError) -> str:
                 level = f.read().strip()
         except OSError:
             level = "?"
-        reason += (f" (kernel.perf_event_paranoid={level}; it needs CAP_PERFMON, or CAP_SYS_ADMIN on "
-                   "kernels whose level 3 asks for it)")
+        if level.isdigit() and int(level) >= 3:
+            reason += (f" (kernel.perf_event_paranoid={level}: this level, a Debian/Ubuntu patch, asks "
+                       "for CAP_SYS_ADMIN on older kernels; fentry mode needs no perf event)")
+        else:
+            reason += f" (kernel.perf_event_paranoid={level}: it needs CAP_PERFMON)"
     return reason
 
 
