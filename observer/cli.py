@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "top": ("observer.commands.top", "live full-screen view of rates, latency and savings"),
     "explain": ("observer.commands.explain", "why savings differ from what the geometry promises"),
     "bench": ("observer.bench", "run the benchmarks and print figures"),
+    "kernel-addresses": ("observer.commands.kernel_addresses",
+                         "record the kernel addresses the probes need (systemd ExecStartPre=+)"),
 }
 
 

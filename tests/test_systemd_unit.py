@@ -1,6 +1,7 @@
 """systemd/hvo-observer.service: `systemd-analyze verify` passes and the hardening stays in place.
 
-The unit runs /usr/local/bin/hvo-observer (the installer links it to the venv's entry point).
+The unit runs /usr/local/bin/hvo-observer (the installer links it to the venv's entry point), also as
+its privileged start-up step (ExecStartPre=+ kernel-addresses).
 `verify` insists that the binary exists, so the check runs on a copy whose ExecStart names this
 checkout's entry point, which is exactly the rewrite an install would amount to.
 """
@@ -77,3 +78,16 @@ def test_service_contract() -> None:
         assert d[key] == [value], key
     assert set(d["RestrictAddressFamilies"][0].split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
     assert "sys-kernel-tracing.mount" in d["Wants"][0]  # the daemon cannot mount tracefs itself
+
+
+def test_privileged_step_records_the_hidden_addresses() -> None:
+    """CAP_SYSLOG stays out; the addresses it would show come from a full-privilege ExecStartPre (``+``)
+    that writes the file the daemon's kallsyms reader looks for, in the unit's root-only RuntimeDirectory."""
+    from observer.kernel.kallsyms import ADDRESSES_FILE
+
+    d = directives(UNIT.read_text())
+    assert "CAP_SYSLOG" not in d["CapabilityBoundingSet"][0] and d["ProtectKernelLogs"] == ["yes"]
+    assert d["RuntimeDirectory"] == ["hvo-observer"] and d["RuntimeDirectoryMode"] == ["0700"]
+    assert ADDRESSES_FILE.startswith("/run/hvo-observer/")
+    assert d["ExecStartPre"] == [f"-+{INSTALLED_BINARY} kernel-addresses --write {ADDRESSES_FILE}"]
+    assert d["ExecStart"][0].startswith(f"{INSTALLED_BINARY} run ")

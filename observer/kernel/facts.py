@@ -11,7 +11,7 @@ from pathlib import Path
 from observer.kernel import cmdline, hugepages, kconfig, lockdown, memory_blocks, sysctl, tracefs, vmstat
 from observer.kernel.btf import Btf
 from observer.kernel.files import ROOT, under
-from observer.kernel.kallsyms import Kallsyms
+from observer.kernel.kallsyms import Kallsyms, load_kallsyms
 from observer.kernel.release import KernelVersion, running_release
 
 
@@ -31,7 +31,8 @@ class KernelFacts:
 
     @cached_property
     def kallsyms(self) -> Kallsyms:
-        return Kallsyms.read(self.root)
+        # hidden addresses (no CAP_SYSLOG) filled from the unit's start-up record of this boot
+        return load_kallsyms(self.root)
 
     @cached_property
     def btf(self) -> Btf | None:

@@ -3,15 +3,28 @@
 Static functions may be inlined away, or emitted as compiler clones (``name.isra.0``,
 ``name.constprop.0``, ``name.part.0``) whose arguments the compiler may have changed; ``.cold``
 fragments are never entry points.
+
+Without CAP_SYSLOG (the systemd unit drops it) the kernel shows every address as 0. The few
+addresses the probes need are then taken from a file a privileged start-up step wrote this boot
+(``hvo-observer kernel-addresses``, the unit's ExecStartPre=+); no address is ever guessed.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from observer.kernel.files import ROOT, read_text, under
+from observer.errors import KernelFactError
+from observer.kernel.files import ROOT, read_error, read_text, under
+
+log = logging.getLogger(__name__)
+
+KALLSYMS = "/proc/kallsyms"
+ADDRESSES_FILE = "/run/hvo-observer/kernel-addresses"  # the unit's RuntimeDirectory
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 _CLONE = re.compile(r"^(?P<base>[^.]+)(?P<suffix>(?:\.(?:isra|constprop|part|lto_priv)\.\d+)+)$")
 
@@ -25,7 +38,7 @@ class Kallsyms:
 
     @classmethod
     def read(cls, root: Path = ROOT) -> Kallsyms:
-        return cls.parse(read_text(under(root, "/proc/kallsyms")))
+        return cls.parse(read_text(under(root, KALLSYMS)))
 
     @classmethod
     def parse(cls, text: str) -> Kallsyms:
@@ -65,3 +78,98 @@ class Kallsyms:
     def addresses_visible(self) -> bool:
         """False when kptr_restrict hides addresses (all zero) from this reader."""
         return any(addr for addr, _ in self.symbols.values())
+
+    def fill_hidden(self, addresses: dict[str, int]) -> list[str]:
+        """Give hidden (zero) addresses their recorded value; returns the names filled."""
+        filled = []
+        for name, addr in addresses.items():
+            entry = self.symbols.get(name)
+            if entry is not None and entry[0] == 0 and addr:
+                self.symbols[name] = (addr, entry[1])
+                filled.append(name)
+        return filled
+
+
+@dataclass(frozen=True)
+class RecordedAddresses:
+    """Kernel addresses recorded by a privileged process, valid for one boot only."""
+
+    boot_id: str
+    addresses: dict[str, int]
+
+    def format(self) -> str:
+        lines = ["# hvo-observer kernel-addresses: /proc/kallsyms addresses for the sandboxed daemon",
+                 f"boot_id {self.boot_id}"]
+        lines += [f"{addr:016x} {name}" for name, addr in self.addresses.items()]
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def parse(cls, text: str, path: Path) -> RecordedAddresses:
+        boot_id: str | None = None
+        addresses: dict[str, int] = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            parts = line.split()
+            if not parts or parts[0].startswith("#"):
+                continue
+            if boot_id is None:
+                if len(parts) != 2 or parts[0] != "boot_id":
+                    raise KernelFactError(f"malformed {path}: line {n}: expected 'boot_id <id>' first, "
+                                          f"got {line[:60]!r}")
+                boot_id = parts[1]
+                continue
+            try:
+                if len(parts) != 2:
+                    raise ValueError
+                addresses[parts[1]] = int(parts[0], 16)
+            except ValueError:
+                raise KernelFactError(f"malformed {path}: line {n}: expected '<hex address> <symbol>', "
+                                      f"got {line[:60]!r}") from None
+        if boot_id is None:
+            raise KernelFactError(f"malformed {path}: no boot_id line")
+        return cls(boot_id, addresses)
+
+
+def read_boot_id(root: Path = ROOT) -> str:
+    return read_text(under(root, BOOT_ID)).strip()
+
+
+def record_addresses(names: Iterable[str], root: Path = ROOT) -> RecordedAddresses:
+    """The addresses of ``names`` (those the kernel has) as this process sees them: needs CAP_SYSLOG."""
+    ks = Kallsyms.read(root)
+    if not ks.addresses_visible:
+        raise KernelFactError(f"{under(root, KALLSYMS)} shows every address as 0 to this process: run as "
+                              "root with CAP_SYSLOG (and kernel.kptr_restrict below 2)")
+    return RecordedAddresses(read_boot_id(root), {n: a for n in names if (a := ks.address(n))})
+
+
+def load_kallsyms(root: Path = ROOT, recorded: str = ADDRESSES_FILE) -> Kallsyms:
+    """/proc/kallsyms, with hidden addresses filled from ``recorded`` when it is from this boot.
+    Logs one line saying where the addresses came from."""
+    ks = Kallsyms.read(root)
+    if ks.addresses_visible:
+        log.info("kernel addresses: from %s", KALLSYMS)
+        return ks
+    path = under(root, recorded)
+    hidden = f"kernel addresses: {KALLSYMS} shows them as 0 (no CAP_SYSLOG)"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        log.warning("%s and there is no %s (written by 'hvo-observer kernel-addresses', the unit's "
+                    "ExecStartPre): none available", hidden, path)
+        return ks
+    except OSError as e:
+        log.warning("%s; ignoring the recorded ones: %s", hidden, read_error(path, e))
+        return ks
+    try:
+        rec = RecordedAddresses.parse(text, path)
+        boot_id = read_boot_id(root)
+    except KernelFactError as e:
+        log.warning("%s; ignoring the recorded ones: %s", hidden, e)
+        return ks
+    if rec.boot_id != boot_id:
+        log.warning("%s; ignoring %s: recorded in boot %s, this is boot %s (stale)", hidden, path,
+                    rec.boot_id, boot_id)
+        return ks
+    filled = ks.fill_hidden(rec.addresses)
+    log.info("%s; %s from %s (recorded this boot)", hidden, ", ".join(filled) or "none", path)
+    return ks

@@ -54,6 +54,10 @@ HPG_VMEMMAP_OPTIMIZED = 4  # enum hugetlb_page_flags, unchanged since 5.14
 DEMOTE_CONTEXTS = ("demote_pool_huge_page", "demote_store")
 REMAP_WALKER = "vmemmap_remap_range"
 REMAP_PTE_FUNCS = {EventType.REMAP_FREE: "vmemmap_remap_pte", EventType.REMAP_ALLOC: "vmemmap_restore_pte"}
+VMEMMAP_BASE = "vmemmap_base"  # randomized by KASLR: struct page pointer -> pfn
+# Every kernel address (not just a symbol name) the probes need: what `hvo-observer kernel-addresses`
+# records for a daemon that cannot see addresses (no CAP_SYSLOG).
+ADDRESS_SYMBOLS: tuple[str, ...] = (VMEMMAP_BASE, *REMAP_PTE_FUNCS.values())
 
 
 @dataclass(frozen=True)
@@ -296,7 +300,7 @@ def layout_cflags(facts: KernelFacts) -> list[str]:
         f"-DHVO_FN_LRU_OFF={lru}",
         f"-DHVO_FN_PAGE_SIZE={facts.page_size}",
     ]
-    base_addr = facts.kallsyms.address("vmemmap_base")
+    base_addr = facts.kallsyms.address(VMEMMAP_BASE)
     if base_addr:
         flags.append(f"-DHVO_FN_VMEMMAP_BASE_ADDR={base_addr:#x}ULL")
     else:
@@ -448,7 +452,8 @@ class FunctionProbeSet(BaseProbeSet):
         # Alternatives that did not resolve while another entry covers the event are no loss; pool
         # events left to the tracepoint set are not ours to report; the remap workers are observed only
         # where the kernel exposes them (inlined in some builds; their direction needs kallsyms
-        # addresses, which kptr_restrict hides without CAP_SYSLOG), so their absence degrades nothing.
+        # addresses, hidden without CAP_SYSLOG unless recorded at start-up: ADDRESS_SYMBOLS), so their
+        # absence degrades nothing.
         covered = ({p.spec.event for p in self.plans} | (POOL_EVENTS - self.pool_events())
                    | {EventType.REMAP_FREE, EventType.REMAP_ALLOC})
         for r in self.resolve(self.facts):
