@@ -1,18 +1,19 @@
 """Acceptance of the function probes on stock Debian kernels (6.1, 6.12, sid 7.x) under QEMU TCG,
 in fentry and in kprobe mode.
 
-One guest per kernel (8 GiB); in it, tests/vm_guest_scripts/function_probes.py loads the probes
-once per mode and drives: sysctl on, grow/shrink the 2 MiB pool by N; the same with the sysctl off;
+One fresh guest per kernel and mode (8 GiB); in it, tests/vm_guest_scripts/function_probes.py loads
+the probes and drives: sysctl on, grow/shrink the 2 MiB pool by N; the same with the sysctl off;
 surplus pages faulted in and unmapped; a runtime 1 GiB page allocated and demoted.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,25 +35,37 @@ RUNNER = "tests/vm_guest_scripts/function_probes.py"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", params=KERNELS)
-def guest(request: pytest.FixtureRequest) -> Iterator[Any]:
+Run = tuple[dict[str, Any], str]  # the runner's JSON, how the guest booted
+
+
+def _in_guest(kernel: Any, mode: str, workdir: Any) -> Run:
+    from tests.vm import Guest
+
+    python = os.path.join(REPO, ".venv/bin/python")
+    with Guest(kernel, mem_mb=MEM_MB, workdir=workdir) as g:
+        boot = f"{g.kernel.release} booted in {g.boot_s:.1f} s ({g.attempts} attempt(s))"
+        r = g.run(f"{python} {REPO}/{RUNNER} {mode} $HVO_OUT/out.json --pages {PAGES}", timeout=900)
+    return r.output_json("out.json"), boot
+
+
+@pytest.fixture(scope="module")
+def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+         ) -> Iterator[dict[tuple[str, str], Future[Run]]]:
+    """A fresh guest per selected kernel and mode (one mode's demote must not leave the other's
+    without a free aligned GiB on 6.12), run two at a time (tests/vm/fixtures.py: guest_pool)."""
     if os.geteuid() != 0:
         pytest.skip("QEMU guests with a 9p share of / need root")
     if not shutil.which("qemu-system-x86_64"):
         pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-    from tests.vm import Guest
+    from tests.vm.fixtures import guest_pool
+    from tests.vm.kernels import prepare_kernel
 
-    with Guest(request.param, mem_mb=MEM_MB) as g:
-        print(f"\n{request.param}: {g.kernel.release} booted in {g.boot_s:.1f} s ({g.attempts} attempt(s))")
-        yield g
-
-
-def _run(guest: Any, mode: str) -> dict[str, Any]:
-    python = os.path.join(REPO, ".venv/bin/python")
-    r = guest.run(f"{python} {REPO}/{RUNNER} {mode} $HVO_OUT/out.json --pages {PAGES}", timeout=900)
-    out = r.outdir / "out.json"
-    assert r.exit_code == 0 and out.is_file(), r.describe()
-    return json.loads(out.read_text())
+    wanted = [(i.callspec.params["kernel"], i.callspec.params["mode"]) for i in request.session.items
+              if i.path == Path(__file__) and hasattr(i, "callspec")]
+    kernels = {k: prepare_kernel(k) for k, _ in wanted}
+    with guest_pool() as pool:
+        yield {(k, m): pool.submit(_in_guest, kernels[k], m, tmp_path_factory.mktemp(f"probes-{k}-{m}"))
+               for k, m in dict.fromkeys(wanted)}
 
 
 def _count(events: list[dict[str, Any]]) -> collections.Counter[tuple[str, int, str]]:
@@ -64,8 +77,11 @@ def _of(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("mode", ["fentry", "kprobe"])
-def test_function_probes_see_every_hvo_operation(guest: Any, mode: str) -> None:
-    res = _run(guest, mode)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_function_probes_see_every_hvo_operation(runs: dict[tuple[str, str], Future[Run]], kernel: str,
+                                                 mode: str) -> None:
+    res, boot = runs[(kernel, mode)].result()
+    print(f"\n{kernel}: {boot}")
     scen = {s["name"]: s["events"] for s in res["scenarios"]}
     attached = {a["event"] for a in res["attachments"] if a["ok"]}
     targets = sorted({f"{a['event']}={a['target']}" for a in res["attachments"]})

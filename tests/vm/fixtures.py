@@ -4,6 +4,7 @@
 - ``new_guest(kernel, **kw)``: boot a guest for this test only; stopped after the test.
 - ``shared_guest(kernel, **kw)``: one guest per (kernel, settings) for the whole session, booted on
   first use and again if it died. A test using it must undo what it changes in the guest.
+- ``guest_pool()``: a thread pool that runs independent guests PARALLEL_GUESTS at a time.
 
 A per-kernel module fixture groups a module's tests by kernel (pytest orders by parameter)::
 
@@ -14,10 +15,12 @@ A per-kernel module fixture groups a module's tests by kernel (pytest orders by 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,18 @@ import pytest
 
 from .guest import QEMU, Guest
 from .kernels import GuestKernel, prepare_kernel
+
+# A TCG guest compiling BPF (most of a guest test's time) keeps about one host core busy: on these
+# 2-core machines two independent guests finish in about the time of one; more only slow each other.
+PARALLEL_GUESTS = 2
+
+
+@contextlib.contextmanager
+def guest_pool() -> Iterator[ThreadPoolExecutor]:
+    """Runs submitted guest jobs PARALLEL_GUESTS at a time; leaving waits for all of them. Prepare the
+    kernels (prepare_kernel) before submitting: a job should only boot and run."""
+    with ThreadPoolExecutor(PARALLEL_GUESTS, thread_name_prefix="guest") as pool:
+        yield pool
 
 
 @pytest.fixture(scope="session")

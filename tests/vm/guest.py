@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import json
 import os
 import re
 import shlex
@@ -25,6 +26,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .initramfs import build_initramfs
 from .kernels import GuestKernel, prepare_kernel
@@ -113,6 +115,14 @@ class GuestResult:
         if self.exit_code != 0:
             raise GuestCommandError(f"guest command failed:\n{self.describe()}", self.console_tail)
         return self
+
+    def output_json(self, name: str) -> Any:
+        """The JSON the command wrote to $HVO_OUT/NAME; GuestCommandError (with describe()) when the
+        command failed or wrote none."""
+        out = self.check().outdir / name
+        if not out.is_file():
+            raise GuestCommandError(f"guest command wrote no {name}:\n{self.describe()}", self.console_tail)
+        return json.loads(out.read_text())
 
 
 class Guest:
