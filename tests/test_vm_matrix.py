@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.matrix]
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv/bin/python"

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.matrix]
 
 PAGES = 16
 KERNELS = ("6.1", "6.12", "sid")
