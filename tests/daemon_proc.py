@@ -18,10 +18,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -252,6 +253,35 @@ def seeded_rng() -> random.Random:
     seed = int(os.environ.get("HVO_STORM_SEED") or time.time_ns() % 2**32)
     print(f"\nstorm seed {seed} (HVO_STORM_SEED={seed} replays it)")
     return random.Random(seed)
+
+
+class Churn:
+    """A thread that resizes the 2 MiB pool to size(n) for n = 0, 1, ... until stopped; its errors are
+    re-raised by stop(), not lost in the thread."""
+
+    def __init__(self, size: Callable[[int], int]) -> None:
+        self._size = size
+        self._stop = threading.Event()
+        self._errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        try:
+            n = 0
+            while not self._stop.is_set():
+                hugepages.set_nr_hugepages(H2M, self._size(n))
+                n += 1
+        except BaseException as e:
+            self._errors.append(e)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        assert not self._errors, self._errors
 
 
 class Pool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +23,20 @@ from pathlib import Path
 import pytest
 
 from observer.daemon import IDLE_AFTER_S, SNAPSHOT_IDLE_S
-from observer.kernel import hugepages, sysctl
-from tests.daemon_proc import H1G, H2M, PAGE, WAIT_S, check_exact, daemon, empty_pools, one, set_pool, settled
+from observer.kernel import sysctl
+from tests.daemon_proc import (
+    H1G,
+    H2M,
+    PAGE,
+    WAIT_S,
+    Churn,
+    check_exact,
+    daemon,
+    empty_pools,
+    one,
+    set_pool,
+    settled,
+)
 
 pytestmark = pytest.mark.live
 
@@ -149,21 +160,9 @@ def test_an_idle_daemon_still_sees_every_change(host: None, tmp_path: Path) -> N
 def test_kill_9_and_restart_during_churn_is_exact_after_settling(host: None, tmp_path: Path) -> None:
     sysctl.write_hvo_sysctl(True)
     set_pool(H1G, 1)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def churn() -> None:
-        try:
-            n = 0
-            while not stop.is_set():
-                hugepages.set_nr_hugepages(H2M, 8 + (n % 5) * 8)
-                n += 1
-        except BaseException as e:  # reported by the test, not lost in the thread
-            errors.append(e)
-
-    worker = threading.Thread(target=churn)
+    churn = Churn(lambda n: 8 + (n % 5) * 8)
     with daemon(tmp_path) as first:
-        worker.start()
+        churn.start()
         try:
             while one(first.scrape(), "hvo_events_total", event="pool_alloc", hstate=H2M, result="ok") < 40:
                 time.sleep(0.05)
@@ -173,17 +172,13 @@ def test_kill_9_and_restart_during_churn_is_exact_after_settling(host: None, tmp
                 while one(second.scrape(), "hvo_events_total", event="pool_alloc", hstate=H2M,
                           result="ok") < seen + 40:
                     time.sleep(0.05)
-                stop.set()
-                worker.join()
-                assert not errors, errors
+                churn.stop()
                 set_pool(H2M, 24)
                 m = settled(second)
                 check_exact(m, {H2M: 24, H1G: 1}, {H2M: 24, H1G: 1}, "after kill -9 and restart during churn")
                 assert second.stop() == 0
         finally:
-            stop.set()
-            if worker.is_alive():
-                worker.join()
+            churn.stop()
 
 
 def test_lost_records_trigger_a_counted_resync_and_exactness_returns(host: None, tmp_path: Path) -> None:

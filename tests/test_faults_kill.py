@@ -7,7 +7,6 @@ list is complete at the moment of the SIGKILL.
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from observer.kernel import hugepages, sysctl
 from tests.daemon_proc import (
     H1G,
     H2M,
+    Churn,
     Daemon,
     check_exact,
     daemon,
@@ -64,25 +64,13 @@ def test_sigkill_during_attach_leaves_nothing_and_a_restart_is_exact(tmp_path: P
 
 
 def test_sigkill_during_churn_leaves_nothing_and_a_restart_is_exact(tmp_path: Path) -> None:
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def churn() -> None:
-        try:
-            n = 0
-            while not stop.is_set():
-                hugepages.set_nr_hugepages(H2M, (n * 37) % 97)
-                n += 1
-        except BaseException as e:  # reported by the test, not lost in the thread
-            errors.append(e)
-
+    churn = Churn(lambda n: (n * 37) % 97)
     with empty_pools():
         sysctl.write_hvo_sysctl(True)
         kprobes_before = kprobe_events()
-        worker = threading.Thread(target=churn)
         try:
             with daemon(tmp_path) as first:
-                worker.start()
+                churn.start()
                 while allocations(first) < 200:
                     time.sleep(0.05)
                 held = kill_holding(first)
@@ -93,9 +81,7 @@ def test_sigkill_during_churn_leaves_nothing_and_a_restart_is_exact(tmp_path: Pa
                 seen = allocations(second)
                 while allocations(second) < seen + 200:
                     time.sleep(0.05)
-                stop.set()
-                worker.join()
-                assert not errors, errors
+                churn.stop()
                 pages = hugepages.by_name(hugepages.read_hstates(), H2M).nr_hugepages
                 check_exact(settled(second), {H2M: pages, H1G: 0}, {H2M: pages, H1G: 0},
                             "restarted during churn")
@@ -103,6 +89,4 @@ def test_sigkill_during_churn_leaves_nothing_and_a_restart_is_exact(tmp_path: Pa
                 assert second.stop() == 0
             assert not leaked_bpf_ids(held), f"left after SIGTERM: {leaked_bpf_ids(held)}"
         finally:
-            stop.set()
-            if worker.is_alive():
-                worker.join()
+            churn.stop()
