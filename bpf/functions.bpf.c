@@ -3,17 +3,15 @@
  * Function probes of HVO (fentry/fexit or kprobe/kretprobe): vmemmap optimize/restore, the remap
  * workers, demote and the pool alloc/free functions. Included by observer/probes/functions.py,
  * which appends one small wrapper per attached symbol (hvo_fn_* handlers below, called with the
- * arguments as plain integers) and passes the layout as -D defines taken from the kernel's BTF:
+ * arguments as plain integers) and passes the layout as -D defines taken from the kernel's BTF
+ * (struct page pointer -> pfn: hvo_page_pfn() of hvo_common.h):
  *
- *   HVO_FN_SPAGE          sizeof(struct page)
  *   HVO_FN_PRIVATE_OFF    offsetof(struct page, private) (== folio->private of the head page)
  *   HVO_FN_OPT_BIT        HPG_vmemmap_optimized (bit in ->private)
  *   HVO_FN_HORDER_OFF     offsetof(struct hstate, order) (unsigned int)
  *   HVO_FN_FORDER_OFF     offset of the byte holding a folio's order (folio->_folio_order, or the
  *                         low byte of folio->_flags_1)
  *   HVO_FN_LRU_OFF        offsetof(struct folio, lru)
- *   HVO_FN_VMEMMAP_BASE_ADDR  address of the kernel variable vmemmap_base (read at run time), or
- *   HVO_FN_VMEMMAP_BASE   the constant start of the vmemmap (kernels without that variable)
  *   HVO_FN_PAGE_SIZE      PAGE_SIZE
  *   HVO_FN_REMAP_PTE_ADDR / HVO_FN_RESTORE_PTE_ADDR  addresses of vmemmap_remap_pte and
  *                         vmemmap_restore_pte (direction of vmemmap_remap_range), when probed
@@ -67,25 +65,6 @@ static __always_inline u64 hvo_fn_arg(unsigned long long *ctx, int i)
 
 	bpf_probe_read_kernel(&v, sizeof(v), &ctx[i]);
 	return v;
-}
-
-static __always_inline u64 hvo_fn_vmemmap_base(void)
-{
-#ifdef HVO_FN_VMEMMAP_BASE_ADDR
-	u64 base = 0;
-
-	bpf_probe_read_kernel(&base, sizeof(base), (void *)HVO_FN_VMEMMAP_BASE_ADDR);
-	return base;
-#else
-	return HVO_FN_VMEMMAP_BASE;
-#endif
-}
-
-static __always_inline u64 hvo_fn_pfn(u64 page)
-{
-	u64 base = hvo_fn_vmemmap_base();
-
-	return page >= base ? (page - base) / HVO_FN_SPAGE : 0;
 }
 
 static __always_inline u8 hvo_fn_hstate_order(u64 h)
@@ -190,7 +169,7 @@ static __always_inline void hvo_fn_demote_seen(void *ctx, struct hvo_fn_pend *r,
 
 	if (!d || d->kind != HVO_FN_DEMOTE_CTX)
 		return;
-	hvo_fn_emit(ctx, HVO_DEMOTE, r->order, hvo_fn_pfn(r->head), r->ts,
+	hvo_fn_emit(ctx, HVO_DEMOTE, r->order, hvo_page_pfn(r->head), r->ts,
 		    failed ? HVO_ERROR : HVO_OK, failed ? err : 0);
 }
 
@@ -261,7 +240,7 @@ static __always_inline int hvo_fn_optimize_exit(void *ctx, s64 ret, int has_ret)
 		result = HVO_SKIPPED;
 	}
 #endif
-	hvo_fn_emit(ctx, HVO_OPTIMIZE, p->order, hvo_fn_pfn(p->head), p->ts, result, err);
+	hvo_fn_emit(ctx, HVO_OPTIMIZE, p->order, hvo_page_pfn(p->head), p->ts, result, err);
 	hvo_fn_pending.delete(&key);
 	return 0;
 }
@@ -290,7 +269,7 @@ static __always_inline int hvo_fn_restore_exit(void *ctx, s64 ret)
 	} else if (!p->flag_before) {
 		result = HVO_SKIPPED;
 	}
-	hvo_fn_emit(ctx, HVO_RESTORE, p->order, hvo_fn_pfn(p->head), p->ts, result, err);
+	hvo_fn_emit(ctx, HVO_RESTORE, p->order, hvo_page_pfn(p->head), p->ts, result, err);
 	hvo_fn_demote_seen(ctx, p, result == HVO_ERROR, err);
 	hvo_fn_pending.delete(&key);
 	return 0;
@@ -307,13 +286,13 @@ static __always_inline int hvo_fn_remap_enter(u8 type, u64 start, u64 end)
 {
 	u64 key = hvo_fn_key(HVO_FN_SLOT_REMAP);
 	struct hvo_fn_pend p = {};
-	u64 n = end > start ? (end - start) / HVO_FN_SPAGE : 0;
+	u64 n = end > start ? (end - start) / HVO_SPAGE : 0;
 	u32 order = n > 1 ? hvo_log2(n - 1) + 1 : 0;
 
 	p.ts = bpf_ktime_get_ns();
 	p.kind = type;
 	p.order = order;
-	p.head = end - ((u64)HVO_FN_SPAGE << (order & 63));
+	p.head = end - ((u64)HVO_SPAGE << (order & 63));
 	hvo_fn_pending.update(&key, &p);
 	return 0;
 }
@@ -351,7 +330,7 @@ static __always_inline int hvo_fn_remap_exit(void *ctx, s64 ret)
 	} else if (p->kind == HVO_REMAP_FREE) {
 		hvo_fn_note_remapped();
 	}
-	hvo_fn_emit(ctx, p->kind, p->order, hvo_fn_pfn(p->head), p->ts, result, err);
+	hvo_fn_emit(ctx, p->kind, p->order, hvo_page_pfn(p->head), p->ts, result, err);
 	hvo_fn_pending.delete(&key);
 	return 0;
 }
@@ -380,7 +359,7 @@ static __always_inline int hvo_fn_pool_alloc_enter(void)
 static __always_inline void hvo_fn_pool_alloc_emit(void *ctx, u64 folio)
 {
 	if (folio)
-		hvo_fn_emit(ctx, HVO_POOL_ALLOC, hvo_fn_folio_order(folio), hvo_fn_pfn(folio), 0, HVO_OK, 0);
+		hvo_fn_emit(ctx, HVO_POOL_ALLOC, hvo_fn_folio_order(folio), hvo_page_pfn(folio), 0, HVO_OK, 0);
 	/* a failed allocation (NULL) is not a pool event: the pool simply did not grow */
 }
 
@@ -425,7 +404,7 @@ static __always_inline int hvo_fn_pool_free_exit(void *ctx)
 
 	if (!p)
 		return 0;
-	hvo_fn_emit(ctx, HVO_POOL_FREE, p->order, hvo_fn_pfn(p->head), 0, p->err ? HVO_ERROR : HVO_OK, p->err);
+	hvo_fn_emit(ctx, HVO_POOL_FREE, p->order, hvo_page_pfn(p->head), 0, p->err ? HVO_ERROR : HVO_OK, p->err);
 	hvo_fn_pending.delete(&key);
 	return 0;
 }
@@ -444,7 +423,7 @@ static __always_inline int hvo_fn_demote_exit(void *ctx, s64 ret)
 
 	if (!p)
 		return 0;
-	hvo_fn_emit(ctx, HVO_DEMOTE, p->order, hvo_fn_pfn(p->head), p->ts,
+	hvo_fn_emit(ctx, HVO_DEMOTE, p->order, hvo_page_pfn(p->head), p->ts,
 		    ret < 0 ? HVO_ERROR : HVO_OK, ret < 0 ? -ret : 0);
 	hvo_fn_pending.delete(&key);
 	return 0;
@@ -476,7 +455,7 @@ static __always_inline int hvo_fn_demote_list_enter(u64 src, u64 list)
 	for (int i = 0; i < HVO_FN_DEMOTE_MAX; i++) {
 		if (!node || node == list)
 			break;
-		p.pfn[i] = hvo_fn_pfn(node - HVO_FN_LRU_OFF);
+		p.pfn[i] = hvo_page_pfn(node - HVO_FN_LRU_OFF);
 		p.npfn = i + 1;
 		node = hvo_fn_list_next(node);
 	}
@@ -499,7 +478,7 @@ static __always_inline int hvo_fn_demote_list_exit(void *ctx, s64 ret)
 	for (int i = 0; i < HVO_FN_DEMOTE_MAX; i++) {
 		if (!node || node == p->aux)
 			break;
-		left[i] = hvo_fn_pfn(node - HVO_FN_LRU_OFF);
+		left[i] = hvo_page_pfn(node - HVO_FN_LRU_OFF);
 		node = hvo_fn_list_next(node);
 	}
 	err = ret < 0 ? -ret : HVO_FN_ENOMEM;

@@ -15,6 +15,9 @@
  *   HVO_RINGBUF_PAGES      ring buffer size in pages (power of two), default 1024 (4 MiB)
  *   HVO_BLOCK_PFN_SHIFT    log2(memory block size / PAGE_SIZE); enables hvo_pfn_node()
  *   HVO_NODE_BLOCKS        entries of `hvo_block_node` (highest memory block index + 1)
+ *   HVO_SPAGE              sizeof(struct page); enables hvo_page_pfn() (observer/probes/page_pfn.py)
+ *   HVO_VMEMMAP_BASE_ADDR  address of the kernel variable vmemmap_base (KASLR: read at run time), or
+ *   HVO_VMEMMAP_BASE       the constant start of the vmemmap (kernels without that variable)
  *
  * No kernel struct is read through headers here: the host's headers may not match the kernel.
  * Programs that need struct offsets take them from BTF as -D defines.
@@ -53,6 +56,21 @@ static __always_inline u32 hvo_pfn_node(u64 pfn)
 static __always_inline u32 hvo_pfn_node(u64 pfn)
 {
 	return HVO_NO_NODE;
+}
+#endif
+
+#ifdef HVO_SPAGE
+/* struct page pointer -> pfn: the vmemmap is one virtually contiguous array of struct pages. */
+static __always_inline u64 hvo_page_pfn(u64 page)
+{
+#ifdef HVO_VMEMMAP_BASE_ADDR
+	u64 base = 0;
+
+	bpf_probe_read_kernel(&base, sizeof(base), (void *)HVO_VMEMMAP_BASE_ADDR);
+#else
+	u64 base = HVO_VMEMMAP_BASE;
+#endif
+	return page >= base ? (page - base) / HVO_SPAGE : 0;
 }
 #endif
 

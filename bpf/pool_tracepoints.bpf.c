@@ -3,10 +3,16 @@
  * Tracepoint mode: hugetlb pool allocations and frees seen through the page allocator's
  * tracepoints, for kernels where neither kprobes nor fentry can be used.
  *
- * No kernel header describes the tracepoint records here: every field is read at the offset and
- * size parsed from the event's format file at run time (-D HVO_TP_<EVENT>_<FIELD>_OFF/_SIZE), and
- * the gfp bit values come from mm_page_alloc's print format (-D HVO_GFP_*): both changed across
- * kernel versions. Set by observer/probes/tracepoint.py (HVO_GFP_ALL/NONE/ANY: its HUGETLB_GFP rule).
+ * The programs attach as raw tracepoints (BPF_RAW_TRACEPOINT_OPEN): they get the tracepoint's
+ * arguments as they are (struct page *, order, gfp) instead of a trace record built for them, and
+ * need no perf event. That matters because mm_page_alloc and mm_page_free fire for every page the
+ * kernel allocates and frees: a perf-event tracepoint builds a record and runs the perf machinery
+ * each time, a raw tracepoint only calls the program (observer/probes/tracepoint.py checks the
+ * argument lists against the kernel's BTF; they have not changed since 2.6.33).
+ *
+ * -D defines (observer/probes/tracepoint.py): HVO_GFP_ALL/NONE/ANY (its HUGETLB_GFP rule, bit values
+ * from mm_page_alloc's print format: they changed across kernel versions), the hstate orders, and
+ * HVO_SPAGE/HVO_VMEMMAP_BASE* for hvo_page_pfn() (hvo_common.h).
  *
  * Heuristics (see observer/probes/tracepoint.py for their limits):
  *  - pool_alloc (buddy hstates, order <= MAX_PAGE_ORDER): mm_page_alloc at a hugetlb order whose gfp
@@ -27,11 +33,8 @@
 /* head pfn -> order of every hugetlb page we know of */
 BPF_HASH(hvo_tp_known, u64, u8, HVO_TP_KNOWN_MAX);
 
-#define HVO_LOAD(ctx, off, size)						\
-	((size) == 8 ? *(u64 *)((char *)(ctx) + (off)) :			\
-	 (size) == 4 ? (u64)*(u32 *)((char *)(ctx) + (off)) :			\
-	 (size) == 2 ? (u64)*(u16 *)((char *)(ctx) + (off)) :			\
-		       (u64)*(u8 *)((char *)(ctx) + (off)))
+/* Argument i of the tracepoint (TP_PROTO order), as a 64-bit slot of the raw tracepoint context. */
+#define HVO_ARG(ctx, i) (((struct bpf_raw_tracepoint_args *)(ctx))->args[i])
 
 /* observer/probes/tracepoint.py HUGETLB_GFP: all of HVO_GFP_ALL, none of HVO_GFP_NONE, one of HVO_GFP_ANY */
 #define HVO_GFP_IS_HUGETLB(g)							\
@@ -40,24 +43,26 @@ BPF_HASH(hvo_tp_known, u64, u8, HVO_TP_KNOWN_MAX);
 /* HVO_TP_BUDDY_ORDERS / HVO_TP_CONTIG_ORDERS / HVO_TP_ORDERS: bit o set when o is such an hstate order */
 #define HVO_ORDER_IN(mask, o) ((o) < 64 && (((u64)(mask) >> (o)) & 1))
 
-int hvo_tp_page_alloc(void *ctx)
+/* mm_page_alloc(struct page *page, unsigned int order, gfp_t gfp_flags, int migratetype) */
+int hvo_tp_page_alloc(struct bpf_raw_tracepoint_args *ctx)
 {
-	u32 order = HVO_LOAD(ctx, HVO_TP_ALLOC_ORDER_OFF, HVO_TP_ALLOC_ORDER_SIZE);
+	u32 order = (u32)HVO_ARG(ctx, 1);
 	struct hvo_event e;
-	u64 pfn, gfp;
+	u64 page, pfn, gfp;
 	u8 o = order;
 
 	if (!HVO_ORDER_IN(HVO_TP_BUDDY_ORDERS, order))
 		return 0;
-	pfn = HVO_LOAD(ctx, HVO_TP_ALLOC_PFN_OFF, HVO_TP_ALLOC_PFN_SIZE);
-	gfp = HVO_LOAD(ctx, HVO_TP_ALLOC_GFP_OFF, HVO_TP_ALLOC_GFP_SIZE);
+	page = HVO_ARG(ctx, 0);
+	gfp = (u32)HVO_ARG(ctx, 2);
+	pfn = page ? hvo_page_pfn(page) : (u64)-1;
 	if (!HVO_GFP_IS_HUGETLB(gfp)) {
 		/* THP & co. at this order: if the pfn was ours, our entry is stale (a free we missed) */
-		if (pfn != (u64)-1)
+		if (page)
 			hvo_tp_known.delete(&pfn);
 		return 0;
 	}
-	if (pfn == (u64)-1) {
+	if (!page) {
 		/* the buddy allocator could not give hugetlb a page (the pool grows less than asked) */
 		hvo_event_init(&e, HVO_POOL_ALLOC, order, 0);
 		e.result = HVO_ERROR;
@@ -71,11 +76,12 @@ int hvo_tp_page_alloc(void *ctx)
 	return 0;
 }
 
-int hvo_tp_pages_isolated(void *ctx)
+/* test_pages_isolated(unsigned long start_pfn, unsigned long end_pfn, unsigned long fin_pfn) */
+int hvo_tp_pages_isolated(struct bpf_raw_tracepoint_args *ctx)
 {
-	u64 start = HVO_LOAD(ctx, HVO_TP_ISO_START_OFF, HVO_TP_ISO_START_SIZE);
-	u64 end = HVO_LOAD(ctx, HVO_TP_ISO_END_OFF, HVO_TP_ISO_END_SIZE);
-	u64 fin = HVO_LOAD(ctx, HVO_TP_ISO_FIN_OFF, HVO_TP_ISO_FIN_SIZE);
+	u64 start = HVO_ARG(ctx, 0);
+	u64 end = HVO_ARG(ctx, 1);
+	u64 fin = HVO_ARG(ctx, 2);
 	struct hvo_event e;
 	u64 n;
 	u32 order;
@@ -96,16 +102,17 @@ int hvo_tp_pages_isolated(void *ctx)
 	return 0;
 }
 
-int hvo_tp_page_free(void *ctx)
+/* mm_page_free(struct page *page, unsigned int order) */
+int hvo_tp_page_free(struct bpf_raw_tracepoint_args *ctx)
 {
-	u32 order = HVO_LOAD(ctx, HVO_TP_FREE_ORDER_OFF, HVO_TP_FREE_ORDER_SIZE);
+	u32 order = (u32)HVO_ARG(ctx, 1);
 	struct hvo_event e;
 	u64 pfn;
 	u8 *known;
 
 	if (!HVO_ORDER_IN(HVO_TP_ORDERS, order))
 		return 0;
-	pfn = HVO_LOAD(ctx, HVO_TP_FREE_PFN_OFF, HVO_TP_FREE_PFN_SIZE);
+	pfn = hvo_page_pfn(HVO_ARG(ctx, 0));
 	known = hvo_tp_known.lookup(&pfn);
 	if (!known || *known != order)
 		return 0;

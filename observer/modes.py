@@ -1,8 +1,9 @@
 """Which probe modes this kernel allows, each with the reason when it does not.
 
 fentry/fexit gives typed arguments and return values (preferred); kprobe/kretprobe is the fallback;
-tracepoint mode works where neither does (pool events from kmem tracepoints, optimize/restore
-inferred from counters). Availability is decided by real trials, not by version numbers.
+tracepoint mode works where neither does (pool events from kmem tracepoints, attached as raw
+tracepoints, optimize/restore inferred from counters). Availability is decided by real trials, not by
+version numbers.
 """
 
 from __future__ import annotations
@@ -59,11 +60,7 @@ def tracepoint_support(facts: KernelFacts) -> ModeSupport:
     for event in ("mm_page_alloc", "mm_page_free"):
         if not tracefs.event_exists("kmem", event, facts.root):
             return ModeSupport(False, f"the kernel has no kmem:{event} tracepoint")
-    ok, reason = bpf_trial.try_tracepoint_program()
-    if ok:  # loading is not attaching: the perf event may still be refused to us
-        tp_id = tracefs.event_id("kmem", "mm_page_alloc", facts.root)
-        ok, reason = bpf_trial.try_tracepoint_event(tp_id, "kmem:mm_page_alloc")
-    return ModeSupport(ok, reason)
+    return ModeSupport(*bpf_trial.try_raw_tracepoint("mm_page_alloc"))
 
 
 def mode_support(facts: KernelFacts) -> dict[str, ModeSupport]:

@@ -140,9 +140,9 @@ HSTATE = "/sys/kernel/mm/hugepages/hugepages-2048kB"
     ("/proc/sys/vm/hugetlb_optimize_vmemmap", "banana\n",
      "malformed /proc/sys/vm/hugetlb_optimize_vmemmap: expected an integer, got 'banana'"),
     ("/sys/kernel/tracing/events/kmem/mm_page_alloc/format", "banana\n",
-     "tracepoint mode: /sys/kernel/tracing/events/kmem/mm_page_alloc/format has no usable field 'pfn'"),
-    ("/sys/kernel/tracing/events/kmem/mm_page_free/format", None,
-     "cannot read /sys/kernel/tracing/events/kmem/mm_page_free/format: permission denied"),
+     "tracepoint mode: /sys/kernel/tracing/events/kmem/mm_page_alloc/format does not print __GFP_COMP"),
+    ("/sys/kernel/tracing/events/kmem/mm_page_alloc/format", None,
+     "cannot read /sys/kernel/tracing/events/kmem/mm_page_alloc/format: permission denied"),
 ])
 def test_unreadable_or_malformed_kernel_files_at_start(tmp_path: Path, target: str, content: str | None,
                                                         message: str) -> None:

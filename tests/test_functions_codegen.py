@@ -11,6 +11,7 @@ import pytest
 
 from observer.kernel import debian_packages
 from observer.probes import functions as F
+from observer.probes.page_pfn import DEFAULT_VMEMMAP_BASE
 from tests.function_fixtures import RELEASES, load
 
 BPF_FUNCS = set(re.findall(r"^static __always_inline \w+ (hvo_fn_\w+)\(", F.BPF_SOURCE.read_text(), re.M))
@@ -26,10 +27,10 @@ def _defines(flags: list[str]) -> dict[str, str]:
 def test_layout_defines_come_from_btf(kernel: str, horder: str, forder: str) -> None:
     facts = load(kernel)
     d = _defines(F.FunctionProbeSet("kprobe", facts).cflags())
-    assert d["HVO_FN_SPAGE"] == "64" and d["HVO_FN_PRIVATE_OFF"] == "40" and d["HVO_FN_OPT_BIT"] == "4"
+    assert d["HVO_SPAGE"] == "64" and d["HVO_FN_PRIVATE_OFF"] == "40" and d["HVO_FN_OPT_BIT"] == "4"
     assert d["HVO_FN_HORDER_OFF"] == horder  # struct hstate lost a field in 7.x
     assert d["HVO_FN_FORDER_OFF"] == forder  # 6.1: folio->_folio_order; later the low byte of _flags_1
-    assert d["HVO_FN_VMEMMAP_BASE_ADDR"] == f"{facts.kallsyms.address('vmemmap_base'):#x}ULL"
+    assert d["HVO_VMEMMAP_BASE_ADDR"] == f"{facts.kallsyms.address('vmemmap_base'):#x}ULL"
     assert d["HVO_FN_REMAP_PTE_ADDR"] == f"{facts.kallsyms.address('vmemmap_remap_pte'):#x}ULL"
     assert d["HVO_FN_RESTORE_PTE_ADDR"] == f"{facts.kallsyms.address('vmemmap_restore_pte'):#x}ULL"
 
@@ -37,7 +38,7 @@ def test_layout_defines_come_from_btf(kernel: str, horder: str, forder: str) -> 
 def test_without_vmemmap_base_the_default_start_is_used() -> None:
     facts = load("6.1")
     del facts.kallsyms.symbols["vmemmap_base"]
-    assert _defines(F.layout_cflags(facts))["HVO_FN_VMEMMAP_BASE"] == f"{F.DEFAULT_VMEMMAP_BASE:#x}ULL"
+    assert _defines(F.layout_cflags(facts))["HVO_VMEMMAP_BASE"] == f"{DEFAULT_VMEMMAP_BASE:#x}ULL"
 
 
 def test_fentry_wrappers_follow_the_prototypes() -> None:

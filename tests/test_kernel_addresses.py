@@ -79,7 +79,7 @@ def test_filled_addresses_give_the_same_probes_as_root(mode: str, caplog: pytest
     assert {("remap_free", F.REMAP_WALKER, True), ("remap_alloc", F.REMAP_WALKER, True)} <= as_root
     caplog.set_level(logging.WARNING)
     d = dict((f[2:] + "=").split("=")[:2] for f in F.FunctionProbeSet(mode, filled).cflags())
-    assert d["HVO_FN_VMEMMAP_BASE_ADDR"] == f"{VISIBLE.address('vmemmap_base'):#x}ULL"
+    assert d["HVO_VMEMMAP_BASE_ADDR"] == f"{VISIBLE.address('vmemmap_base'):#x}ULL"
     assert d["HVO_FN_REMAP_PTE_ADDR"] == f"{VISIBLE.address('vmemmap_remap_pte'):#x}ULL"
     assert d["HVO_FN_RESTORE_PTE_ADDR"] == f"{VISIBLE.address('vmemmap_restore_pte'):#x}ULL"
     assert not [r for r in caplog.records if "no vmemmap_base" in r.getMessage()]

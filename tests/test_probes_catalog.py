@@ -12,9 +12,10 @@ from observer.kernel import tracefs
 from observer.kernel.facts import KernelFacts
 from observer.probes.catalog import CATALOG, specs_for
 from observer.probes.events import EventType
+from observer.probes.page_pfn import DEFAULT_VMEMMAP_BASE
 from observer.probes.resolve import resolve
 from observer.probes.session import ProbeSession
-from observer.probes.tracepoint import HUGETLB_GFP, TracepointProbeSet, max_page_order, parse_format_fields
+from observer.probes.tracepoint import HUGETLB_GFP, TracepointProbeSet, max_page_order
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HOST = FIXTURES / "host-6.18"
@@ -55,29 +56,25 @@ def test_missing_tracepoint_and_counters_are_explained(tmp_path: Path) -> None:
     assert res["tp_page_alloc"].ok and res["tp_page_free"].ok
 
 
-def test_format_fields_and_cflags_come_from_the_format_files() -> None:
-    fields = parse_format_fields(tracefs.event_format("kmem", "mm_page_alloc", HOST))
-    assert fields["pfn"].offset == 8 and fields["pfn"].size == 8
-    assert fields["order"].offset == 16 and fields["order"].size == 4
-    assert fields["gfp_flags"].offset == 24 and fields["gfp_flags"].size == 8
-    assert fields["common_pid"].signed
-
+def test_cflags_come_from_the_format_file_and_the_hstates(caplog: pytest.LogCaptureFixture) -> None:
     flags = TracepointProbeSet(KernelFacts(root=HOST)).cflags()
-    assert "-DHVO_TP_ALLOC_GFP_OFF=24" in flags and "-DHVO_TP_ISO_FIN_OFF=24" in flags
-    assert "-DHVO_TP_FREE_ORDER_SIZE=4" in flags
     # 2 MiB (order 9) from the buddy allocator, 1 GiB (order 18) from alloc_contig_range
     assert f"-DHVO_TP_BUDDY_ORDERS={1 << 9:#x}ULL" in flags
     assert f"-DHVO_TP_CONTIG_ORDERS={1 << 18:#x}ULL" in flags
     comp, hardwall, nomemalloc = 1 << 18, 1 << 20, 1 << 19
     assert f"-DHVO_GFP_ALL={comp | hardwall:#x}ULL" in flags
     assert f"-DHVO_GFP_NONE={nomemalloc:#x}ULL" in flags
+    # struct page pointer -> pfn: the fixture has neither BTF nor vmemmap_base (the log says what is assumed)
+    assert f"-DHVO_VMEMMAP_BASE={DEFAULT_VMEMMAP_BASE:#x}ULL" in flags and "-DHVO_SPAGE=64" in flags
+    assert "no BTF: pfns assume sizeof(struct page) is 64" in caplog.text
+    assert "no vmemmap_base in kallsyms" in caplog.text
 
 
-def test_a_format_without_a_needed_field_names_the_file(tmp_path: Path) -> None:
+def test_a_format_without_a_needed_gfp_flag_names_the_file(tmp_path: Path) -> None:
     root = _copy_host(tmp_path)
-    fmt = root / "sys/kernel/tracing/events/kmem/mm_page_free/format"
-    fmt.write_text(fmt.read_text().replace("field:unsigned long pfn;", "field:unsigned long page;"))
-    with pytest.raises(ObserverError, match=r"mm_page_free/format has no usable field 'pfn'"):
+    fmt = root / "sys/kernel/tracing/events/kmem/mm_page_alloc/format"
+    fmt.write_text(fmt.read_text().replace("__GFP_HARDWALL", "__GFP_SOMETHING"))
+    with pytest.raises(ObserverError, match=r"kmem/mm_page_alloc/format does not print __GFP_HARDWALL"):
         TracepointProbeSet(KernelFacts(root=root)).cflags()
 
 

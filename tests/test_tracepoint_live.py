@@ -25,6 +25,7 @@ from observer.kernel.facts import gather
 from observer.kernel.vmstat import read_vmstat
 from observer.probes.events import Event, EventType, Result
 from observer.probes.session import ProbeSession
+from tests.daemon_proc import leaked_bpf_ids, live_bpf_ids
 from tests.kernel_state import restored_kernel_state
 
 pytestmark = pytest.mark.live
@@ -218,11 +219,6 @@ def test_tiny_ring_buffer_loses_records_but_aggregates_stay_exact(kernel_state: 
         assert sum(agg.counts.values()) == len(events) + agg.lost
 
 
-def _prog_ids() -> set[int]:
-    out = subprocess.run(["bpftool", "-j", "prog", "list"], capture_output=True, text=True, check=True).stdout
-    return {p["id"] for p in json.loads(out or "[]")}
-
-
 def _own_bpf_ids(kind: str) -> set[int]:
     """Ids of the BPF programs or maps this process holds (from /proc/self/fdinfo)."""
     key = "prog_id:" if kind == "prog" else "map_id:"
@@ -240,9 +236,10 @@ def _own_bpf_ids(kind: str) -> set[int]:
 def test_close_detaches_everything(kernel_state: None) -> None:
     with ProbeSession("tracepoint", gather()) as session:
         ours = _own_bpf_ids("prog")
-        assert len(ours) >= 3 and ours <= _prog_ids()
+        assert len(ours) >= 3 and ours <= live_bpf_ids("prog")
         assert session.attachments
-    assert not ours & _prog_ids(), "BPF programs left after close()"
+    # a raw tracepoint link, and so its program, is released after an RCU grace period
+    assert not leaked_bpf_ids({"prog": ours}), "BPF programs left after close()"
     assert not _own_bpf_ids("prog") and not _own_bpf_ids("map")
 
 
@@ -260,11 +257,6 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-def _map_ids() -> set[int]:
-    out = subprocess.run(["bpftool", "-j", "map", "list"], capture_output=True, text=True, check=True).stdout
-    return {m["id"] for m in json.loads(out or "[]")}
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_nothing_is_left_after_the_process_is_killed(kernel_state: None, sig: int) -> None:
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(REPO)], stdout=subprocess.PIPE, text=True,
@@ -272,17 +264,12 @@ def test_nothing_is_left_after_the_process_is_killed(kernel_state: None, sig: in
     try:
         assert proc.stdout is not None
         held = json.loads(proc.stdout.readline())
-        assert len(held["progs"]) >= 3 and set(held["progs"]) <= _prog_ids()
+        assert len(held["progs"]) >= 3 and set(held["progs"]) <= live_bpf_ids("prog")
     finally:
         proc.send_signal(sig)
         proc.wait()
-    # the kernel releases programs and maps with the last reference (deferred via RCU: allow a moment)
-    for _ in range(100):
-        if not set(held["progs"]) & _prog_ids() and not set(held["maps"]) & _map_ids():
-            break
-        time.sleep(0.05)
-    assert not set(held["progs"]) & _prog_ids(), f"BPF programs left after {sig.name}"
-    assert not set(held["maps"]) & _map_ids(), f"BPF maps left after {sig.name}"
+    left = leaked_bpf_ids({"prog": set(held["progs"]), "map": set(held["maps"])})
+    assert not left, f"BPF objects left after {sig.name}: {left}"
 
 
 def test_perf_buffer_output_delivers_and_counts_loss(kernel_state: None) -> None:

@@ -2,10 +2,10 @@
 
 Whether fentry works depends on BTF, the architecture's trampoline support, lockdown and LSMs; the
 only reliable answer is to try: load a two-instruction fentry program (``r0 = 0; exit``) against a
-function's BTF id with the raw bpf(2) syscall, attach it, and detach at once. kprobe and tracepoint
-modes attach through perf_event_open(2), which kernel.perf_event_paranoid and the caller's
-capabilities may refuse even to root (Debian's patch adds a level 3): those are tried by opening
-one such event and closing it at once.
+function's BTF id with the raw bpf(2) syscall, attach it, and detach at once; tracepoint mode's raw
+tracepoint programs are tried the same way. kprobe mode attaches through perf_event_open(2), which
+kernel.perf_event_paranoid and the caller's capabilities may refuse even to root (Debian's patch adds
+a level 3): that is tried by opening one such event and closing it at once.
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ import struct
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "loongarch64": 280, "s390x": 351}
 _SYS_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241, "riscv64": 241, "loongarch64": 241, "s390x": 331}
-PERF_TYPE_TRACEPOINT = 2
 PERF_ATTR_SIZE_VER5 = 112
 PERF_FLAG_FD_CLOEXEC = 8
 PARANOID = "/proc/sys/kernel/perf_event_paranoid"
 BPF_PROG_LOAD = 5
 BPF_RAW_TRACEPOINT_OPEN = 17
-BPF_PROG_TYPE_TRACEPOINT = 5
+BPF_PROG_TYPE_RAW_TRACEPOINT = 17
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_FENTRY = 24
 _RETURN_ZERO = bytes([0xB7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])  # mov64 r0, 0; exit
@@ -67,7 +66,7 @@ def _perf_refusal(what: str, e: OSError) -> str:
             level = "?"
         if level.isdigit() and int(level) >= 3:
             reason += (f" (kernel.perf_event_paranoid={level}: this level, a Debian/Ubuntu patch, asks "
-                       "for CAP_SYS_ADMIN on older kernels; fentry mode needs no perf event)")
+                       "for CAP_SYS_ADMIN on older kernels; fentry and tracepoint modes need no perf event)")
         else:
             reason += f" (kernel.perf_event_paranoid={level}: it needs CAP_PERFMON)"
     return reason
@@ -83,15 +82,6 @@ def try_kprobe_event(pmu_type: int, symbol: str = "vfs_read") -> tuple[bool, str
     return True, ""
 
 
-def try_tracepoint_event(tracepoint_id: int, name: str) -> tuple[bool, str]:
-    """(True, "") when the tracepoint's perf event opens, else (False, reason)."""
-    try:
-        _perf_event_open(PERF_TYPE_TRACEPOINT, tracepoint_id)
-    except OSError as e:
-        return False, _perf_refusal(f"the {name} tracepoint event", e)
-    return True, ""
-
-
 def _load(prog_type: int, name: bytes, attach_type: int = 0, btf_id: int = 0) -> int:
     insns = ctypes.create_string_buffer(_RETURN_ZERO)
     license_ = ctypes.create_string_buffer(b"GPL")
@@ -103,12 +93,27 @@ def _load(prog_type: int, name: bytes, attach_type: int = 0, btf_id: int = 0) ->
     return _bpf(BPF_PROG_LOAD, attr)
 
 
-def try_tracepoint_program() -> tuple[bool, str]:
-    """(True, "") when the kernel loads a tracepoint BPF program for us, else (False, reason)."""
+def _raw_tracepoint_open(prog_fd: int, event: str | None) -> int:
+    """BPF_RAW_TRACEPOINT_OPEN: attach a raw tracepoint program to EVENT (None: a tracing program
+    to the function it was loaded for)."""
+    name = ctypes.create_string_buffer(event.encode()) if event else None
+    attr = ctypes.create_string_buffer(16)
+    struct.pack_into("<QI", attr, 0, ctypes.addressof(name) if name else 0, prog_fd)
+    return _bpf(BPF_RAW_TRACEPOINT_OPEN, attr)
+
+
+def try_raw_tracepoint(event: str) -> tuple[bool, str]:
+    """(True, "") when a raw tracepoint program loads and attaches to EVENT, else (False, reason)."""
     try:
-        os.close(_load(BPF_PROG_TYPE_TRACEPOINT, b"hvo_tp_try"))
+        prog_fd = _load(BPF_PROG_TYPE_RAW_TRACEPOINT, b"hvo_rawtp_try")
     except OSError as e:
-        return False, f"the kernel refuses to load a tracepoint BPF program: {e.strerror}"
+        return False, f"the kernel refuses to load a raw tracepoint BPF program: {e.strerror}"
+    try:
+        os.close(_raw_tracepoint_open(prog_fd, event))
+    except OSError as e:
+        return False, f"a raw tracepoint program loads but cannot attach to {event}: {e.strerror}"
+    finally:
+        os.close(prog_fd)
     return True, ""
 
 
@@ -120,12 +125,9 @@ def try_fentry(btf_func_id: int) -> tuple[bool, str]:
         hint = " (lockdown or an LSM forbids it)" if e.errno == errno.EPERM else ""
         return False, f"the kernel refuses to load an fentry program: {e.strerror}{hint}"
     try:
-        link = ctypes.create_string_buffer(16)
-        struct.pack_into("<QI", link, 0, 0, prog_fd)
-        try:
-            os.close(_bpf(BPF_RAW_TRACEPOINT_OPEN, link))
-        except OSError as e:
-            return False, f"an fentry program loads but cannot attach: {e.strerror}"
+        os.close(_raw_tracepoint_open(prog_fd, None))
+    except OSError as e:
+        return False, f"an fentry program loads but cannot attach: {e.strerror}"
     finally:
         os.close(prog_fd)
     return True, ""

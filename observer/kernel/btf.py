@@ -131,6 +131,20 @@ class Btf:
         proto = self._proto(name)
         return None if proto is None else self.type_text(self._types[proto][4])
 
+    def raw_tracepoint_params(self, event: str) -> list[str] | None:
+        """Argument types of tracepoint ``event`` as a raw tracepoint program gets them (TP_PROTO), from
+        its ``typedef void (*btf_trace_<event>)(void *, ...)``; None when BTF does not describe it."""
+        typedef = self._find(TYPEDEF, f"btf_trace_{event}")
+        if typedef is None:
+            return None
+        ptr = self._types[typedef][4]
+        proto = self._types[ptr][4] if self._types[ptr][0] == PTR else 0
+        if self._types[proto][0] != FUNC_PROTO:
+            return None
+        _, _, vlen, _, _, extra = self._types[proto]
+        types = [self.type_text(_PARAM.unpack_from(self._data, extra + i * 8)[1]) for i in range(vlen)]
+        return types[1:]  # the first is the probe's private data pointer
+
     def _proto(self, name: str) -> int | None:
         func = self.func_id(name)
         return None if func is None else self._types[func][4]

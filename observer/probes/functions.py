@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from observer.errors import ObserverError
 from observer.probes.catalog import CATALOG, ProbeSpec
 from observer.probes.events import EventType
+from observer.probes.page_pfn import VMEMMAP_BASE, page_pfn_cflags
 from observer.probes.probeset import Attachment, BaseProbeSet, Resolution
 
 if TYPE_CHECKING:
@@ -46,15 +47,12 @@ INTRODUCED = {
     "alloc_pool_huge_folio": (6, 7),
     "hugetlb_vmemmap_optimize_folio": (6, 7),
 }
-# x86-64 start of the vmemmap without KASLR (4-level paging), for kernels without vmemmap_base.
-DEFAULT_VMEMMAP_BASE = 0xFFFFEA0000000000
 HPG_VMEMMAP_OPTIMIZED = 4  # enum hugetlb_page_flags, unchanged since 5.14
 
 # Symbols that only mark a demote in flight (the per-page demote function is inlined there).
 DEMOTE_CONTEXTS = ("demote_pool_huge_page", "demote_store")
 REMAP_WALKER = "vmemmap_remap_range"
 REMAP_PTE_FUNCS = {EventType.REMAP_FREE: "vmemmap_remap_pte", EventType.REMAP_ALLOC: "vmemmap_restore_pte"}
-VMEMMAP_BASE = "vmemmap_base"  # randomized by KASLR: struct page pointer -> pfn
 # Every kernel address (not just a symbol name) the probes need: what `hvo-observer kernel-addresses`
 # records for a daemon that cannot see addresses (no CAP_SYSLOG).
 ADDRESS_SYMBOLS: tuple[str, ...] = (VMEMMAP_BASE, *REMAP_PTE_FUNCS.values())
@@ -292,7 +290,6 @@ def layout_cflags(facts: KernelFacts) -> list[str]:
         raise ObserverError(f"function probes: BTF of this kernel lacks {', '.join(missing)}")
     bit = btf.enum_value("hugetlb_page_flags", "HPG_vmemmap_optimized")
     flags = [
-        f"-DHVO_FN_SPAGE={spage}",
         f"-DHVO_FN_PRIVATE_OFF={private}",
         f"-DHVO_FN_OPT_BIT={HPG_VMEMMAP_OPTIMIZED if bit is None else bit}",
         f"-DHVO_FN_HORDER_OFF={horder}",
@@ -300,15 +297,7 @@ def layout_cflags(facts: KernelFacts) -> list[str]:
         f"-DHVO_FN_LRU_OFF={lru}",
         f"-DHVO_FN_PAGE_SIZE={facts.page_size}",
     ]
-    base_addr = facts.kallsyms.address(VMEMMAP_BASE)
-    if base_addr:
-        flags.append(f"-DHVO_FN_VMEMMAP_BASE_ADDR={base_addr:#x}ULL")
-    else:
-        log.warning(
-            "no vmemmap_base in kallsyms: pfns assume the vmemmap starts at %#x", DEFAULT_VMEMMAP_BASE
-        )
-        flags.append(f"-DHVO_FN_VMEMMAP_BASE={DEFAULT_VMEMMAP_BASE:#x}ULL")
-    return flags
+    return flags + page_pfn_cflags(facts, spage)
 
 
 def remap_cflags(facts: KernelFacts, plans: list[Plan]) -> list[str]:

@@ -35,12 +35,16 @@ def _function(spec: ProbeSpec, facts: KernelFacts, mode: str) -> Resolution:
 
 def _tracepoint(spec: ProbeSpec, facts: KernelFacts, mode: str) -> Resolution:
     from observer.kernel import tracefs
+    from observer.probes.tracepoint import raw_args_problem
 
     missing: list[str] = []
     for target in spec.targets:
         system, _, name = target.partition(":")
         try:
             if tracefs.event_exists(system, name, facts.root):
+                problem = raw_args_problem(facts, target)
+                if problem is not None:
+                    return Resolution(spec, mode, None, False, problem)
                 return Resolution(spec, mode, target, True, "tracepoint exists")
         except ObserverError as e:
             return Resolution(spec, mode, None, False, str(e))

@@ -1,6 +1,9 @@
 """Tracepoint mode: hugetlb pool events from the page allocator's tracepoints (bpf/pool_tracepoints.bpf.c).
 
-For kernels where neither kprobes nor fentry work (this project's 6.18 host). What is seen and how:
+For kernels where neither kprobes nor fentry work (this project's 6.18 host). The programs attach as raw
+tracepoints: no trace record is built and no perf event opened for them, which keeps the cost on every page
+allocation and free of the whole system low, and Debian's perf_event_paranoid=3 does not apply. They get
+struct page pointers: pfns come from hvo_page_pfn() (observer/probes/page_pfn.py). What is seen and how:
 
 pool_alloc, buddy hstates (2 MiB): ``kmem:mm_page_alloc`` at the hstate's order with hugetlb's gfp
   signature (see the BPF file). Verified in the sources: 6.1 ``alloc_buddy_huge_page`` and
@@ -33,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ from observer.kernel.files import read_text, under
 from observer.probes.catalog import CATALOG
 from observer.probes.events import Event, EventType, Result
 from observer.probes.infer import VmemmapInference
+from observer.probes.page_pfn import page_pfn_cflags
 from observer.probes.probeset import Attachment, BaseProbeSet, Resolution
 from observer.probes.resolve import resolve
 
@@ -58,14 +61,30 @@ VERIFY_S = 2.0  # how long a gigantic candidate may stay unconfirmed
 RESYNC_CHECK_S = 1.0  # consistency check interval (known heads vs nr_hugepages)
 DEFAULT_MAX_PAGE_ORDER = 10  # x86-64 and most configs; read from /proc/buddyinfo when possible
 
-# tracepoint -> (BPF function, {define prefix: field})
-TRACEPOINTS: dict[str, tuple[str, dict[str, str]]] = {
-    "kmem:mm_page_alloc": ("hvo_tp_page_alloc", {"ALLOC_PFN": "pfn", "ALLOC_ORDER": "order",
-                                                 "ALLOC_GFP": "gfp_flags"}),
-    "kmem:mm_page_free": ("hvo_tp_page_free", {"FREE_PFN": "pfn", "FREE_ORDER": "order"}),
-    "page_isolation:test_pages_isolated": ("hvo_tp_pages_isolated", {
-        "ISO_START": "start_pfn", "ISO_END": "end_pfn", "ISO_FIN": "fin_pfn"}),
+# tracepoint -> (BPF function, the leading TP_PROTO argument types it reads, as BTF spells them)
+TRACEPOINTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "kmem:mm_page_alloc": ("hvo_tp_page_alloc", ("struct page *", "unsigned int", "gfp_t")),
+    "kmem:mm_page_free": ("hvo_tp_page_free", ("struct page *", "unsigned int")),
+    "page_isolation:test_pages_isolated": ("hvo_tp_pages_isolated", ("long unsigned int",) * 3),
 }
+DEFAULT_STRUCT_PAGE_SIZE = 64  # x86-64 and arm64 in every config HVO supports (geometry.py assumes it too)
+
+
+def raw_args_problem(facts: KernelFacts, target: str) -> str | None:
+    """Why the program of ``target`` cannot read its raw tracepoint's arguments, or None. Checked
+    against BTF's btf_trace_<event> typedef (kernels without BTF: the prototypes, unchanged since
+    2.6.33 and 4.x, are trusted)."""
+    spec = TRACEPOINTS.get(target)
+    if spec is None or facts.btf is None:
+        return None
+    event = target.partition(":")[2]
+    params = facts.btf.raw_tracepoint_params(event)
+    if params is None:
+        return None
+    wanted = spec[1]
+    if tuple(params[: len(wanted)]) != wanted:
+        return f"raw tracepoint {event} takes ({', '.join(params)}), not ({', '.join(wanted)}, ...)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -103,27 +122,6 @@ HUGETLB_GFP = GfpRule(
     none_of=("__GFP_NOMEMALLOC",),
     any_of=("__GFP_RETRY_MAYFAIL", "__GFP_THISNODE"),
 )
-
-
-@dataclass(frozen=True)
-class Field:
-    offset: int
-    size: int
-    signed: bool
-
-
-_FIELD = re.compile(
-    r"field:(?P<decl>[^;]+);\s*offset:(?P<off>\d+);\s*size:(?P<size>\d+);\s*signed:(?P<signed>\d+);"
-)
-
-
-def parse_format_fields(format_text: str) -> dict[str, Field]:
-    """``{"pfn": Field(8, 8, False), ...}`` from a tracepoint format file (common_* fields included)."""
-    fields: dict[str, Field] = {}
-    for m in _FIELD.finditer(format_text):
-        name = re.sub(r"\[.*\]$", "", m["decl"].split()[-1])
-        fields[name] = Field(int(m["off"]), int(m["size"]), m["signed"] == "1")
-    return fields
 
 
 def max_page_order(root: Path) -> int:
@@ -181,29 +179,25 @@ class TracepointProbeSet(BaseProbeSet):
         return read_text(BPF_SOURCE)
 
     def cflags(self) -> list[str]:
-        flags: list[str] = []
-        for target, (_, wanted) in TRACEPOINTS.items():
-            system, _, event = target.partition(":")
-            path = f"{tracefs.ensure_tracefs(self.facts.root)}/events/{system}/{event}/format"
-            fields = parse_format_fields(tracefs.event_format(system, event, self.facts.root))
-            for prefix, name in wanted.items():
-                f = fields.get(name)
-                if f is None or f.size not in (1, 2, 4, 8):
-                    raise ObserverError(f"tracepoint mode: {path} has no usable field {name!r}")
-                flags += [f"-DHVO_TP_{prefix}_OFF={f.offset}", f"-DHVO_TP_{prefix}_SIZE={f.size}"]
-        alloc_format = tracefs.event_format("kmem", "mm_page_alloc", self.facts.root)
-        gfp = tracefs.gfp_flags(alloc_format)
+        # gfp bit values changed across versions: take them from the flag names the format prints
+        gfp = tracefs.gfp_flags(tracefs.event_format("kmem", "mm_page_alloc", self.facts.root))
         for name in HUGETLB_GFP.names():
             if name not in gfp:
-                raise ObserverError(f"tracepoint mode: kmem/mm_page_alloc/format does not print {name}")
-        flags += HUGETLB_GFP.cflags(gfp)
-        flags += [
+                path = f"{tracefs.ensure_tracefs(self.facts.root)}/events/kmem/mm_page_alloc/format"
+                raise ObserverError(f"tracepoint mode: {path} does not print {name}")
+        spage = self.facts.struct_page_size
+        if spage is None:
+            log.warning("tracepoint mode: no BTF: pfns assume sizeof(struct page) is %d",
+                        DEFAULT_STRUCT_PAGE_SIZE)
+            spage = DEFAULT_STRUCT_PAGE_SIZE
+        return [
+            *HUGETLB_GFP.cflags(gfp),
+            *page_pfn_cflags(self.facts, spage),
             f"-DHVO_TP_ORDERS={order_mask(self.orders)}",
             f"-DHVO_TP_BUDDY_ORDERS={order_mask(self.buddy_orders)}",
             f"-DHVO_TP_CONTIG_ORDERS={order_mask(self.contig_orders)}",
             f"-DHVO_TP_KNOWN_MAX={self._known_max()}",
         ]
-        return flags
 
     def _known_max(self) -> int:
         """Room for every page of the smallest hstate that RAM could hold (preallocated hash)."""
@@ -217,12 +211,16 @@ class TracepointProbeSet(BaseProbeSet):
             if target.startswith("page_isolation:") and not self.contig_orders:
                 out.append(Attachment(event, target, "tracepoint", False, "no gigantic hstate: not needed"))
                 continue
+            problem = raw_args_problem(self.facts, target)
+            if problem is not None:
+                out.append(Attachment(event, target, "tracepoint", False, problem))
+                continue
             try:
-                bpf.attach_tracepoint(tp=target.encode(), fn_name=fn.encode())
+                bpf.attach_raw_tracepoint(tp=target.partition(":")[2].encode(), fn_name=fn.encode())
             except Exception as e:  # bcc raises bare Exception
                 out.append(Attachment(event, target, "tracepoint", False, str(e)))
                 continue
-            out.append(Attachment(event, target, "tracepoint", True, "attached"))
+            out.append(Attachment(event, target, "tracepoint", True, "attached (raw tracepoint)"))
         self._known = bpf[b"hvo_tp_known"]
         # Seed after attaching: a page allocated in between is then in the set twice (harmless);
         # one freed in between is missed (documented).

@@ -83,7 +83,7 @@ def findings(d: Daemon, when: str, held: dict[str, set[int]], **extra: object) -
 
 
 def attachments(pid: int) -> int:
-    """Probes ``pid`` has attached: BPF links (fentry) and perf events (kprobes, tracepoints). Only
+    """Probes ``pid`` has attached: BPF links (fentry, raw tracepoints) and perf events (kprobes). Only
     readlink, no fdinfo reads: kprobes attach fast, and a slow look lands after the last one."""
     n = 0
     with suppress(OSError):  # the process is gone

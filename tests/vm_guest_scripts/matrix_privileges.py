@@ -1,13 +1,14 @@
 """Can a process with the systemd unit's privileges (root, only CAP_BPF and CAP_PERFMON,
-no_new_privs) open the perf events that kprobe and tracepoint modes attach through, and with the
-README's drop-in (CAP_SYS_ADMIN added) for kernels whose perf_event_paranoid=3 refuses them?
+no_new_privs) attach what kprobe mode (a perf event) and tracepoint mode (a raw tracepoint, no perf
+event) need, and with the README's drop-in (CAP_SYS_ADMIN added) for kernels whose
+perf_event_paranoid=3 refuses perf events?
 
     python tests/vm_guest_scripts/matrix_privileges.py            # JSON on stdout
     python tests/vm_guest_scripts/matrix_privileges.py --child    # (itself, under setpriv)
 
-The product's own trials (observer/kernel/bpf_trial.py: one kprobe through the kprobe PMU, the
-kmem:mm_page_alloc tracepoint event) are run as root and under the unit's privileges; no BPF program
-is compiled, so this takes a second where finding out through the daemon takes a bcc compile.
+The product's own trials (observer/kernel/bpf_trial.py: one kprobe through the kprobe PMU, a raw
+tracepoint program on mm_page_alloc) are run as root and under the unit's privileges; nothing is
+compiled, so this takes a second where finding out through the daemon takes a bcc compile.
 """
 
 from __future__ import annotations
@@ -19,16 +20,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from observer.kernel import bpf_trial, tracefs
+from observer.kernel import bpf_trial
 from observer.kernel.files import read_int
 
 KPROBE_TYPE = Path("/sys/bus/event_source/devices/kprobe/type")
 
 
 def child() -> dict[str, str]:
-    """Per event kind: "" when perf_event_open accepts it, else the product's reason."""
-    tp_id = tracefs.event_id("kmem", "mm_page_alloc")
-    out = {"tracepoint": bpf_trial.try_tracepoint_event(tp_id, "kmem:mm_page_alloc")[1]}
+    """Per mode: "" when the kernel lets us attach what it needs, else the product's reason."""
+    out = {"tracepoint": bpf_trial.try_raw_tracepoint("mm_page_alloc")[1]}
     if KPROBE_TYPE.exists():
         out["kprobe"] = bpf_trial.try_kprobe_event(read_int(KPROBE_TYPE))[1]
     return out
