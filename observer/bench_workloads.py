@@ -164,6 +164,18 @@ class DaemonProcess:
                 total += int((task / "schedstat").read_text().split()[0])
         return total
 
+    def wait_quiet(self, window_s: float = 0.5, max_cpu_s: float = 0.001, timeout_s: float = 15.0) -> float:
+        """Wait until the daemon is done with what came before (it keeps decoding a pool run's events and
+        polls briskly for a few seconds after the last one), so that a timed run measures the probes'
+        cost in its own context, not the tail of the previous run. Returns the seconds waited."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            c0 = self.cpu_ns()
+            time.sleep(window_s)
+            if self.cpu_ns() - c0 <= max_cpu_s * 1e9:
+                break
+        return time.monotonic() - t0
+
     def get(self, path: str) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
