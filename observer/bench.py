@@ -60,8 +60,12 @@ FIGURES: dict[str, tuple[str, ...]] = {
 class Plan:
     pool_pages: int = 1000
     pool_cycles: int = 3  # grow+shrink cycles per timed run: one takes only ~40 ms of CPU
-    blocks: int = 5  # daemon starts of the paired overhead runs (attached first, then detached first)
-    reps: int = 5  # paired runs per block
+    blocks: int = 15  # daemon starts of the paired overhead runs (attached first, then detached first)
+    reps: int = 2  # paired runs per block: few, so that the two runs of a pair are close in time
+    # Every timed run starts this long after the previous one ended, in both arms (the attached arm
+    # also waits for a quiet daemon): what a run leaves behind settles alike for both, e.g. free page
+    # reporting hands the freed memory back to the hypervisor after 2 s, and touching it again costs.
+    pause_s: float = 3.0
     fault_bytes: int = 1 << 30
     startup_samples: int = 5
     settle_s: float = 5.0  # running before memory is read
@@ -71,8 +75,8 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(pool_pages=100, pool_cycles=1, blocks=2, reps=1, fault_bytes=128 << 20, startup_samples=2,
-             settle_s=1.0, idle_s=5.0, scrapes=200, decode_events=100_000)
+QUICK = Plan(pool_pages=100, pool_cycles=1, blocks=2, reps=1, pause_s=0.5, fault_bytes=128 << 20,
+             startup_samples=2, settle_s=1.0, idle_s=5.0, scrapes=200, decode_events=100_000)
 
 
 @dataclass
@@ -108,9 +112,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="probe mode of the daemon under test: auto (default), fentry, kprobe, tracepoint")
     p.add_argument("--pool-pages", type=int, metavar="N", help="pages per grow/shrink (default 1000)")
     p.add_argument("--pairs", metavar="BLOCKS,RUNS",
-                   help="overhead pairing: daemon starts, and paired runs per start (default 5,5)")
+                   help="overhead pairing: daemon starts, and paired runs per start "
+                        f"(default {FULL.blocks},{FULL.reps})")
     p.add_argument("--cycles", type=int, metavar="N",
-                   help="grow+shrink cycles per timed pool run (default 3)")
+                   help=f"grow+shrink cycles per timed pool run (default {FULL.pool_cycles})")
     p.add_argument("--guest", action="store_true",
                    help=f"also measure fentry and kprobe overhead in a QEMU guest (Debian {GUEST_KERNEL} "
                         "kernel; needs this source checkout's tests/vm harness; takes many minutes)")
@@ -275,7 +280,8 @@ def _missing(name: str, why: str) -> Figure:
 def _overhead(plan: Plan, wanted: set[str], start: Callable[[], Any], lock_note: str) -> list[Figure]:
     """Paired runs: in each block the daemon is started for ``reps`` runs (each once the daemon is quiet),
     then stopped for as many (the order alternates between blocks); pair i of a block is (attached run
-    i, detached run i)."""
+    i, detached run i). Every run starts ``pause_s`` after the previous one, or later when the daemon
+    was not quiet by then."""
     from observer.bench_workloads import H2M, grow_shrink, touch_pages
     from observer.kernel import hugepages, sysctl
 
@@ -289,8 +295,9 @@ def _overhead(plan: Plan, wanted: set[str], start: Callable[[], Any], lock_note:
     def measure(d: Any = None) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k in keys:
-            if d:
-                out[f"{k}_quiet_wait_s"] = d.wait_quiet()
+            waited = d.wait_quiet() if d else 0.0
+            time.sleep(max(plan.pause_s - waited, 0.0))
+            out[f"{k}_quiet_wait_s"] = waited
             c0 = d.cpu_ns() if d else 0
             out[k] = workloads[k]()
             out[f"{k}_daemon_cpu"] = (d.cpu_ns() - c0) / 1e9 if d else 0.0
