@@ -62,10 +62,6 @@ class Plan:
     pool_cycles: int = 3  # grow+shrink cycles per timed run: one takes only ~40 ms of CPU
     blocks: int = 15  # daemon starts of the paired overhead runs (attached first, then detached first)
     reps: int = 2  # paired runs per block: few, so that the two runs of a pair are close in time
-    # Every timed run starts this long after the previous one ended, in both arms (the attached arm
-    # also waits for a quiet daemon): what a run leaves behind settles alike for both, e.g. free page
-    # reporting hands the freed memory back to the hypervisor after 2 s, and touching it again costs.
-    pause_s: float = 3.0
     fault_bytes: int = 1 << 30
     startup_samples: int = 5
     settle_s: float = 5.0  # running before memory is read
@@ -75,7 +71,7 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(pool_pages=100, pool_cycles=1, blocks=2, reps=1, pause_s=0.5, fault_bytes=128 << 20,
+QUICK = Plan(pool_pages=100, pool_cycles=1, blocks=2, reps=1, fault_bytes=128 << 20,
              startup_samples=2, settle_s=1.0, idle_s=5.0, scrapes=200, decode_events=100_000)
 
 
@@ -280,8 +276,10 @@ def _missing(name: str, why: str) -> Figure:
 def _overhead(plan: Plan, wanted: set[str], start: Callable[[], Any], lock_note: str) -> list[Figure]:
     """Paired runs: in each block the daemon is started for ``reps`` runs (each once the daemon is quiet),
     then stopped for as many (the order alternates between blocks); pair i of a block is (attached run
-    i, detached run i). Every run starts ``pause_s`` after the previous one, or later when the daemon
-    was not quiet by then."""
+    i, detached run i). Right before every timed run, in both arms, ``fault_bytes`` are touched untimed:
+    in a VM, free page reporting hands memory idle for 2 s back to the hypervisor and touching it again
+    costs a host fault per page, which would make a run's cost depend on how long it waited (the
+    attached arm waits for a quiet daemon); warmed, the run finds the memory it will use backed."""
     from observer.bench_workloads import H2M, grow_shrink, touch_pages
     from observer.kernel import hugepages, sysctl
 
@@ -295,9 +293,8 @@ def _overhead(plan: Plan, wanted: set[str], start: Callable[[], Any], lock_note:
     def measure(d: Any = None) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k in keys:
-            waited = d.wait_quiet() if d else 0.0
-            time.sleep(max(plan.pause_s - waited, 0.0))
-            out[f"{k}_quiet_wait_s"] = waited
+            out[f"{k}_quiet_wait_s"] = d.wait_quiet() if d else 0.0
+            touch_pages(plan.fault_bytes)
             c0 = d.cpu_ns() if d else 0
             out[k] = workloads[k]()
             out[f"{k}_daemon_cpu"] = (d.cpu_ns() - c0) / 1e9 if d else 0.0
