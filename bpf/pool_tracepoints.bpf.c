@@ -25,13 +25,33 @@
  *    user space confirms it in /proc/kpageflags and retracts it otherwise.
  *  - pool_free: mm_page_free at a hugetlb order of a pfn in hvo_tp_known (pfns of hugetlb pages:
  *    added here on allocation, seeded from /proc/kpageflags by user space at start).
+ *
+ * hvo_tp_known is an array with one slot per frame of the smallest hstate (pfn >> HVO_TP_FRAME_SHIFT),
+ * holding the order of the hugetlb page whose head is that frame, 0 for none: a head is aligned to its
+ * order, so no two pages share a slot. The verifier inlines an array lookup into a few instructions;
+ * a hash lookup, update and delete per pool page cost about a third of what these programs add to a
+ * pool resize. 8 bytes per 2 MiB of physical address space (0.0004 %), sized by user space with room
+ * for memory hot-added later; a frame beyond it is not tracked here (resync, tracepoint.py).
  */
-#ifndef HVO_TP_KNOWN_MAX
-#define HVO_TP_KNOWN_MAX 16384
+#ifndef HVO_TP_FRAME_SHIFT
+#define HVO_TP_FRAME_SHIFT 9
+#endif
+#ifndef HVO_TP_FRAMES
+#define HVO_TP_FRAMES 16384
 #endif
 
-/* head pfn -> order of every hugetlb page we know of */
-BPF_HASH(hvo_tp_known, u64, u8, HVO_TP_KNOWN_MAX);
+BPF_ARRAY(hvo_tp_known, u8, HVO_TP_FRAMES);
+
+/* The slot of head pfn `pfn` of an `order` page, or NULL (not aligned to its order, out of range) */
+static __always_inline u8 *hvo_tp_slot(u64 pfn, u32 order)
+{
+	u32 frame;
+
+	if (pfn & ((1ULL << order) - 1) || (pfn >> HVO_TP_FRAME_SHIFT) >= HVO_TP_FRAMES)
+		return 0;
+	frame = pfn >> HVO_TP_FRAME_SHIFT;
+	return hvo_tp_known.lookup(&frame);
+}
 
 /* Argument i of the tracepoint (TP_PROTO order), as a 64-bit slot of the raw tracepoint context. */
 #define HVO_ARG(ctx, i) (((struct bpf_raw_tracepoint_args *)(ctx))->args[i])
@@ -49,7 +69,7 @@ int hvo_tp_page_alloc(struct bpf_raw_tracepoint_args *ctx)
 	u32 order = (u32)HVO_ARG(ctx, 1);
 	struct hvo_event e;
 	u64 page, pfn, gfp;
-	u8 o = order;
+	u8 *slot;
 
 	if (!HVO_ORDER_IN(HVO_TP_BUDDY_ORDERS, order))
 		return 0;
@@ -58,8 +78,9 @@ int hvo_tp_page_alloc(struct bpf_raw_tracepoint_args *ctx)
 	pfn = page ? hvo_page_pfn(page) : (u64)-1;
 	if (!HVO_GFP_IS_HUGETLB(gfp)) {
 		/* THP & co. at this order: if the pfn was ours, our entry is stale (a free we missed) */
-		if (page)
-			hvo_tp_known.delete(&pfn);
+		slot = page ? hvo_tp_slot(pfn, order) : 0;
+		if (slot && *slot)
+			*slot = 0;
 		return 0;
 	}
 	if (!page) {
@@ -70,7 +91,9 @@ int hvo_tp_page_alloc(struct bpf_raw_tracepoint_args *ctx)
 		hvo_emit(ctx, &e);
 		return 0;
 	}
-	hvo_tp_known.update(&pfn, &o);
+	slot = hvo_tp_slot(pfn, order);
+	if (slot)
+		*slot = order;
 	hvo_event_init(&e, HVO_POOL_ALLOC, order, pfn);
 	hvo_emit(ctx, &e);
 	return 0;
@@ -83,9 +106,9 @@ int hvo_tp_pages_isolated(struct bpf_raw_tracepoint_args *ctx)
 	u64 end = HVO_ARG(ctx, 1);
 	u64 fin = HVO_ARG(ctx, 2);
 	struct hvo_event e;
+	u8 *slot;
 	u64 n;
 	u32 order;
-	u8 o;
 
 	if (end > fin || end <= start)
 		return 0;	/* isolation failed: alloc_contig_range gives up on this range */
@@ -95,8 +118,9 @@ int hvo_tp_pages_isolated(struct bpf_raw_tracepoint_args *ctx)
 	order = hvo_log2(n);
 	if (!HVO_ORDER_IN(HVO_TP_CONTIG_ORDERS, order) || (start & (n - 1)))
 		return 0;
-	o = order;
-	hvo_tp_known.update(&start, &o);
+	slot = hvo_tp_slot(start, order);
+	if (slot)
+		*slot = order;
 	hvo_event_init(&e, HVO_POOL_ALLOC, order, start);
 	hvo_emit(ctx, &e);
 	return 0;
@@ -108,15 +132,15 @@ int hvo_tp_page_free(struct bpf_raw_tracepoint_args *ctx)
 	u32 order = (u32)HVO_ARG(ctx, 1);
 	struct hvo_event e;
 	u64 pfn;
-	u8 *known;
+	u8 *slot;
 
 	if (!HVO_ORDER_IN(HVO_TP_ORDERS, order))
 		return 0;
 	pfn = hvo_page_pfn(HVO_ARG(ctx, 0));
-	known = hvo_tp_known.lookup(&pfn);
-	if (!known || *known != order)
+	slot = hvo_tp_slot(pfn, order);
+	if (!slot || *slot != order)
 		return 0;
-	hvo_tp_known.delete(&pfn);
+	*slot = 0;
 	hvo_event_init(&e, HVO_POOL_FREE, order, pfn);
 	hvo_emit(ctx, &e);
 	return 0;

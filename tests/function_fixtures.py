@@ -57,6 +57,9 @@ class FixtureFacts:
     def version(self) -> KernelVersion:
         return KernelVersion.parse(self.release)
 
+    def kernel_address(self, name: str) -> int | None:  # KernelFacts's, with kallsyms loaded
+        return self.kallsyms.address(name)
+
 
 def load(kernel: str, kallsyms_text: str | None = None) -> FixtureFacts:
     d = FIXTURES / RELEASES[kernel]

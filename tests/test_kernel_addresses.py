@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from observer.errors import KernelFactError
+from observer.kernel.facts import KernelFacts
 from observer.kernel.kallsyms import ADDRESSES_FILE, Kallsyms, RecordedAddresses, load_kallsyms, read_boot_id
 from observer.probes import functions as F
 from tests.function_fixtures import FIXTURES as FUNCTION_FIXTURES
@@ -69,6 +70,12 @@ def test_hidden_addresses_are_filled_from_this_boots_record(caplog: pytest.LogCa
     [line] = records(caplog)
     assert line.levelno == logging.INFO and str(RECORD) in line.getMessage()
     assert "vmemmap_base, vmemmap_remap_pte, vmemmap_restore_pte from" in line.getMessage()
+
+
+def test_one_address_is_filled_from_the_record_without_parsing_all_of_kallsyms() -> None:
+    ks = load_kallsyms(HIDDEN, only=("vmemmap_base",))  # what tracepoint mode asks for
+    assert ks.symbols == {"vmemmap_base": (VISIBLE.address("vmemmap_base"), "D")}
+    assert KernelFacts(root=HIDDEN).kernel_address("vmemmap_base") == VISIBLE.address("vmemmap_base") != 0
 
 
 @pytest.mark.parametrize("mode", ["kprobe", "fentry"])

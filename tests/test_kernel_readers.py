@@ -38,6 +38,23 @@ def test_kallsyms_resolves_exact_symbols_and_compiler_clones() -> None:
     assert ks.address("hugetlb_vmemmap_optimize_folio") and ks.addresses_visible
 
 
+def test_kallsyms_for_some_symbols_only_finds_exactly_those() -> None:
+    text = ("0000000000000000 A fixed_percpu_data\n"
+            "ffffffff82a1c0e8 D vmemmap_base_shadow\n"
+            "ffffffff82a1c0f0 D vmemmap_base\n"
+            "ffffffffc0a01000 t helper\t[some_module]\n"
+            "ffffffff82a1c0f8 d vmemmap_base\n")  # a second entry of one name: the first counts
+    ks = Kallsyms.parse(text, only=("vmemmap_base", "helper", "absent"))
+    assert ks.symbols == {"vmemmap_base": (0xFFFFFFFF82A1C0F0, "D"), "helper": (0xFFFFFFFFC0A01000, "t")}
+    assert ks.addresses_visible
+    hidden = Kallsyms.parse("0000000000000000 A fixed_percpu_data\n0000000000000000 D vmemmap_base\n",
+                            only=("vmemmap_base",))
+    assert hidden.address("vmemmap_base") == 0 and not hidden.addresses_visible
+    full = Kallsyms.read(HOST)
+    assert Kallsyms.read(HOST, only=("hugetlb_vmemmap_optimize_folio",)).symbols == {
+        "hugetlb_vmemmap_optimize_folio": full.symbols["hugetlb_vmemmap_optimize_folio"]}
+
+
 def test_kallsyms_parse_skips_garbage() -> None:
     ks = Kallsyms.parse("zzzz T broken\nffffffff81000000 t f.constprop.0\nshort\n")
     assert ks.resolve("f") == "f.constprop.0" and not ks.has("broken")

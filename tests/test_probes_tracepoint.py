@@ -1,14 +1,16 @@
-"""The tracepoint ProbeSet's user-space logic (no BPF): gigantic candidates and resync differences."""
+"""The tracepoint ProbeSet's user-space logic (no BPF): gigantic candidates, resync differences, and the
+size of the BPF set of known hugetlb pages."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 from observer.kernel.facts import KernelFacts
 from observer.probes.events import Event, EventType, Result
 from observer.probes.infer import VmemmapInference
-from observer.probes.tracepoint import TracepointProbeSet
+from observer.probes.tracepoint import TracepointProbeSet, known_frames
 from tests.test_probes_kpageflags import HUGE, write_kpageflags
 
 HOST = Path(__file__).parent / "fixtures" / "host-6.18"
@@ -69,3 +71,14 @@ def test_resync_differences_become_inferred_demote_free_and_alloc() -> None:
         (EventType.POOL_ALLOC, 1024, 9),  # appeared without an allocation event
     ]
     assert all(e.inferred and e.tgid == 0 and e.node == 0 for e in changes)
+
+
+def test_the_known_set_has_a_slot_per_2mib_frame_up_to_twice_the_end_of_the_last_memory_block() -> None:
+    facts = KernelFacts(root=HOST)  # memory0..memory199 of 128 MiB: physical addresses up to 25 GiB
+    assert known_frames(facts, 9) == 2 * (25 * 512 + 1)
+    assert known_frames(facts, 18) == 1024  # the floor
+
+
+def test_without_memory_block_sysfs_the_known_set_covers_ram_and_the_pci_hole_twice(tmp_path: Path) -> None:
+    end_pfn = os.sysconf("SC_PHYS_PAGES") + (4 << 30) // os.sysconf("SC_PAGE_SIZE")
+    assert known_frames(KernelFacts(root=tmp_path), 9) == max(2 * ((end_pfn >> 9) + 1), 1024)

@@ -194,10 +194,14 @@ def test_pages_present_before_start_are_recognised_when_freed(kernel_state: None
         pytest.skip("the kernel could not allocate a 1 GiB page: memory too fragmented")
     events: list[Event] = []
     with ProbeSession("tracepoint", gather(), events.append) as session:
+        ps = session.probe_sets[0]
+        assert ps._known_heads() == ps._scan()  # the BPF set, seeded from /proc/kpageflags
+        assert sorted(ps._known_heads().values()).count(18) == base1 + 1
         pid2 = write_as_child(NR_2M, base2)
         pid1 = write_as_child(NR_1G, base1)
         poll_until(session, lambda: len(of(events, EventType.POOL_FREE, {pid2, pid1})) >= 5)
         assert sorted(e.order for e in of(events, EventType.POOL_FREE, {pid2, pid1})) == [9] * 4 + [18]
+        assert ps._known_heads() == ps._scan()  # the frees emptied their slots
 
 
 def test_tiny_ring_buffer_loses_records_but_aggregates_stay_exact(kernel_state: None) -> None:

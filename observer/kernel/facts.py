@@ -34,6 +34,12 @@ class KernelFacts:
         # hidden addresses (no CAP_SYSLOG) filled from the unit's start-up record of this boot
         return load_kallsyms(self.root)
 
+    def kernel_address(self, name: str) -> int | None:
+        """One kernel address: from ``kallsyms`` when it is loaded (function modes), else from a scan
+        for that symbol alone (tracepoint mode needs one address, not 200,000 parsed symbols)."""
+        ks = self.__dict__.get("kallsyms") or load_kallsyms(self.root, only=(name,))
+        return ks.address(name)
+
     @cached_property
     def btf(self) -> Btf | None:
         """None when the kernel has no BTF (CONFIG_DEBUG_INFO_BTF off)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ KALLSYMS = "/proc/kallsyms"
 ADDRESSES_FILE = "/run/hvo-observer/kernel-addresses"  # the unit's RuntimeDirectory
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
+_NONZERO_ADDRESS = re.compile(r"^0*[1-9a-f]", re.M)
 _CLONE = re.compile(r"^(?P<base>[^.]+)(?P<suffix>(?:\.(?:isra|constprop|part|lto_priv)\.\d+)+)$")
 
 
@@ -35,13 +36,22 @@ class Kallsyms:
     # (e.g. vmemmap_base) are kept for address look-ups.
     symbols: dict[str, tuple[int, str]] = field(default_factory=dict)
     clones_of: dict[str, list[str]] = field(default_factory=dict)
+    visible: bool | None = None  # set by a parse of some symbols only, which cannot tell from those
 
     @classmethod
-    def read(cls, root: Path = ROOT) -> Kallsyms:
-        return cls.parse(read_text(under(root, KALLSYMS)))
+    def read(cls, root: Path = ROOT, only: Collection[str] | None = None) -> Kallsyms:
+        return cls.parse(read_text(under(root, KALLSYMS)), only)
 
     @classmethod
-    def parse(cls, text: str) -> Kallsyms:
+    def parse(cls, text: str, only: Collection[str] | None = None) -> Kallsyms:
+        """Every symbol, or with ``only`` just those (no clones): a scan of the text instead of
+        splitting its 200,000 lines, for callers that need an address or two (tracepoint mode)."""
+        if only is not None:
+            wanted = re.compile(rf"^([0-9a-f]+) (\S) ({'|'.join(map(re.escape, only))})(?:[ \t]|$)", re.M)
+            ks = cls(visible=_NONZERO_ADDRESS.search(text) is not None)
+            for m in wanted.finditer(text):
+                ks.symbols.setdefault(m[3], (int(m[1], 16), m[2]))
+            return ks
         ks = cls()
         for line in text.splitlines():
             parts = line.split()
@@ -77,6 +87,8 @@ class Kallsyms:
     @property
     def addresses_visible(self) -> bool:
         """False when kptr_restrict hides addresses (all zero) from this reader."""
+        if self.visible is not None:
+            return self.visible
         return any(addr for addr, _ in self.symbols.values())
 
     def fill_hidden(self, addresses: dict[str, int]) -> list[str]:
@@ -142,10 +154,11 @@ def record_addresses(names: Iterable[str], root: Path = ROOT) -> RecordedAddress
     return RecordedAddresses(read_boot_id(root), {n: a for n in names if (a := ks.address(n))})
 
 
-def load_kallsyms(root: Path = ROOT, recorded: str = ADDRESSES_FILE) -> Kallsyms:
-    """/proc/kallsyms, with hidden addresses filled from ``recorded`` when it is from this boot.
-    Logs one line saying where the addresses came from."""
-    ks = Kallsyms.read(root)
+def load_kallsyms(root: Path = ROOT, recorded: str = ADDRESSES_FILE,
+                  only: Collection[str] | None = None) -> Kallsyms:
+    """/proc/kallsyms (``only`` some symbols: Kallsyms.parse), with hidden addresses filled from
+    ``recorded`` when it is from this boot. Logs one line saying where the addresses came from."""
+    ks = Kallsyms.read(root, only)
     if ks.addresses_visible:
         log.info("kernel addresses: from %s", KALLSYMS)
         return ks

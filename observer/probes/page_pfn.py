@@ -24,7 +24,7 @@ DEFAULT_VMEMMAP_BASE = 0xFFFFEA0000000000
 def page_pfn_cflags(facts: KernelFacts, struct_page_size: int) -> list[str]:
     """-D defines that enable hvo_page_pfn(): sizeof(struct page) and where the vmemmap starts."""
     flags = [f"-DHVO_SPAGE={struct_page_size}"]
-    base_addr = facts.kallsyms.address(VMEMMAP_BASE)
+    base_addr = facts.kernel_address(VMEMMAP_BASE)
     if base_addr:
         flags.append(f"-DHVO_VMEMMAP_BASE_ADDR={base_addr:#x}ULL")
     else:

@@ -8,10 +8,8 @@ detaches explicitly; SIGTERM handling belongs to the caller (the daemon turns it
 
 from __future__ import annotations
 
-import errno
 import importlib
 import logging
-import operator
 import os
 import time
 from collections.abc import Callable
@@ -21,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from observer.errors import ObserverError
+from observer.probes.bpf_maps import percpu_sums
 from observer.probes.events import (
     EVENT_SIZE,
     HIST_BUCKETS,
@@ -320,7 +319,7 @@ class ProbeSession:
         if self._bpf is None:
             raise ObserverError("probe session is not started")
         counts: dict[CountKey, int] = dict(self._user_counts)
-        raw_counts = _read_percpu_sums(self._bpf[b"counts"])
+        raw_counts = percpu_sums(self._bpf[b"counts"])
         for idx, n in enumerate(raw_counts):
             if n:
                 ev, rest = divmod(idx, MAX_ORDER * NR_RESULTS)
@@ -335,7 +334,7 @@ class ProbeSession:
                 acc[i] += n
         # A failed perf_submit is also reported by the kernel as PERF_RECORD_LOST (self._perf_lost):
         # the BPF-side count alone is exact for both outputs.
-        lost = _read_percpu_sums(self._bpf[b"lost"])[0]
+        lost = percpu_sums(self._bpf[b"lost"])[0]
         return Aggregates(counts=counts, hist=hist, lost=lost)
 
     def _read_kernel_hist(self, raw_counts: list[int]) -> dict[HistKey, list[int]]:
@@ -349,7 +348,7 @@ class ProbeSession:
         if unchanged and self._kernel_hist is not None:
             return self._kernel_hist
         hist: dict[HistKey, list[int]] = {}
-        raw = _read_percpu_sums(self._bpf[b"hist"])
+        raw = percpu_sums(self._bpf[b"hist"])
         for idx in (i for i, n in enumerate(raw) if n):
             ev, rest = divmod(idx, MAX_ORDER * HIST_BUCKETS)
             order, bucket = divmod(rest, HIST_BUCKETS)
@@ -372,26 +371,3 @@ def _memory_layout(facts: KernelFacts) -> Any:
     except ObserverError as e:
         log.warning("no pfn->node map (%s): events carry no node", e)
         return None
-
-
-def _read_percpu_sums(table: Any) -> list[int]:
-    """Sum a BPF per-CPU array over CPUs, with one BPF_MAP_LOOKUP_BATCH when the kernel has it."""
-    import ctypes
-
-    from bcc.libbcc import lib
-
-    n = table.max_entries
-    ncpu = table.total_cpu
-    keys = (ctypes.c_uint32 * n)()
-    values = (ctypes.c_uint64 * (n * ncpu))()
-    count = ctypes.c_uint32(n)
-    out_batch = ctypes.c_uint32(0)
-    ctypes.set_errno(0)
-    ret = lib.bpf_lookup_batch(table.map_fd, None, ctypes.byref(out_batch), keys, values, ctypes.byref(count))
-    if (ret == 0 or ctypes.get_errno() == errno.ENOENT) and count.value == n:  # ENOENT: reached the end
-        flat = memoryview(values).cast("B").cast("Q")
-        total = flat[0::ncpu].tolist()
-        for c in range(1, ncpu):  # element-wise adds in C: a Python sum() per slot costs 10x more
-            total = list(map(operator.add, total, flat[c::ncpu].tolist()))
-        return total
-    return [sum(v.value for v in table[table.Key(i)]) for i in range(n)]

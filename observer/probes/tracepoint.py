@@ -23,8 +23,11 @@ pool_alloc, gigantic hstates (1 GiB): runtime pages come from alloc_contig_range
   cma_release in order-0 pieces: their pool_free is not seen.
 pool_free: ``kmem:mm_page_free`` at an hstate order of a pfn in the BPF set of known hugetlb heads.
   The set is filled by the alloc handlers and, at start, from /proc/kpageflags (pages that existed
-  before the observer). Pages that become hugetlb pages without any allocation (demote of a 1 GiB
-  page into 2 MiB pages) are found by a resync: when the known count of an hstate disagrees with
+  before the observer). It is an array with a slot per frame of the smallest hstate up to twice the
+  highest pfn at start (``known_frames``): memory hot-added beyond that is not tracked by the programs,
+  its pool changes are found by the resync below.
+  Pages that become hugetlb pages without any allocation (demote of a 1 GiB page into 2 MiB pages)
+  are found by a resync: when the known count of an hstate disagrees with
   its nr_hugepages twice in a row with no pool event in between (or 5 times in a row regardless),
   /proc/kpageflags is scanned again and the difference is reported as inferred events without a
   task: demote (a gigantic page replaced by smaller ones), pool_free, pool_alloc.
@@ -38,12 +41,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from observer.errors import KernelFactError, ObserverError
 from observer.kernel import kpageflags, tracefs
 from observer.kernel.files import read_text, under
+from observer.probes import bpf_maps
 from observer.probes.catalog import CATALOG
 from observer.probes.events import Event, EventType, Result
 from observer.probes.infer import VmemmapInference
@@ -135,6 +140,21 @@ def max_page_order(root: Path) -> int:
     return len(columns) - 1 if len(columns) > 1 else DEFAULT_MAX_PAGE_ORDER
 
 
+def known_frames(facts: KernelFacts, shift: int) -> int:
+    """Slots of the BPF set of known heads: one per 2**shift pages up to twice the highest pfn (room for
+    memory hot-added later). The highest pfn is the end of the last memory block; without memory
+    block sysfs, the RAM size plus the 4 GiB below which PCI holes lie."""
+    try:
+        layout = facts.memory_layout()
+    except ObserverError:
+        layout = None
+    if layout is not None and layout.blocks and layout.block_size_bytes:
+        end_pfn = (layout.blocks[-1].index + 1) * layout.block_size_bytes // facts.page_size
+    else:
+        end_pfn = os.sysconf("SC_PHYS_PAGES") + (4 << 30) // facts.page_size
+    return max(2 * ((end_pfn >> shift) + 1), 1024)
+
+
 def order_mask(orders: set[int]) -> str:
     return f"{sum(1 << o for o in orders):#x}ULL"
 
@@ -196,13 +216,17 @@ class TracepointProbeSet(BaseProbeSet):
             f"-DHVO_TP_ORDERS={order_mask(self.orders)}",
             f"-DHVO_TP_BUDDY_ORDERS={order_mask(self.buddy_orders)}",
             f"-DHVO_TP_CONTIG_ORDERS={order_mask(self.contig_orders)}",
-            f"-DHVO_TP_KNOWN_MAX={self._known_max()}",
+            f"-DHVO_TP_FRAME_SHIFT={self.frame_shift}",
+            f"-DHVO_TP_FRAMES={self.frames}",
         ]
 
-    def _known_max(self) -> int:
-        """Room for every page of the smallest hstate that RAM could hold (preallocated hash)."""
-        ram_pages = os.sysconf("SC_PHYS_PAGES")
-        return min(max((ram_pages >> min(self.orders)) + 64, 1024), 1 << 20)
+    @property
+    def frame_shift(self) -> int:
+        return min(self.orders)
+
+    @cached_property
+    def frames(self) -> int:
+        return known_frames(self.facts, self.frame_shift)
 
     def attach(self, bpf: Any) -> list[Attachment]:
         out: list[Attachment] = []
@@ -229,9 +253,8 @@ class TracepointProbeSet(BaseProbeSet):
 
     def _seed(self) -> dict[int, int]:
         heads = self._scan()
-        table = self._known
         for pfn, order in heads.items():
-            table[table.Key(pfn)] = table.Leaf(order)
+            self._set_known(pfn, order)
         self._known_count = dict.fromkeys(self.orders, 0)
         for order in heads.values():
             self._known_count[order] += 1
@@ -300,13 +323,20 @@ class TracepointProbeSet(BaseProbeSet):
                          pfn, self.order_names.get(ev.order, ev.order))
                 self._forget(pfn, ev.order)
 
+    def _set_known(self, pfn: int, order: int) -> None:
+        frame = pfn >> self.frame_shift
+        if frame < self.frames:  # beyond: hot-added memory, tracked by resyncs only
+            self._known[self._known.Key(frame)] = self._known.Leaf(order)
+
     def _forget(self, pfn: int, order: int) -> None:
-        table = self._known
-        try:
-            if table[table.Key(pfn)].value == order:
-                del table[table.Key(pfn)]
-        except KeyError:
-            pass
+        frame = pfn >> self.frame_shift
+        if frame < self.frames and self._known[self._known.Key(frame)].value == order:
+            self._set_known(pfn, 0)
+
+    def _known_heads(self) -> dict[int, int]:
+        """The BPF set as {head pfn: order}."""
+        slots = bpf_maps.u8_values(self._known)
+        return {frame << self.frame_shift: order for frame, order in enumerate(slots) if order}
 
     def _check_consistency(self) -> None:
         """Resync the known set with /proc/kpageflags when the pool sizes disagree with it in two
@@ -336,11 +366,10 @@ class TracepointProbeSet(BaseProbeSet):
         otherwise a pool_free (e.g. gigantic pages freed page by page, hugetlb_cma); a new page a
         pool_alloc."""
         heads = self._scan()
-        table = self._known
-        current = {k.value: v.value for k, v in table.items()}
+        current = self._known_heads()
         for pfn, order in heads.items():
             if current.get(pfn) != order:
-                table[table.Key(pfn)] = table.Leaf(order)
+                self._set_known(pfn, order)
         for pfn in current.keys() - heads.keys():
             self._forget(pfn, current[pfn])
         self._unseen += self._unseen_changes(current, heads)
