@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from observer.bench import BENCHES, FIGURES
+from observer.bench import BENCHES, FIGURES, Figure, median_interval
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,9 +41,29 @@ def check_report(report: dict[str, Any], out: str, names: list[str]) -> None:
             assert f["pass"] == (f["value"] <= limit if f["target"]["op"] == "<=" else f["value"] >= limit)
         row = next((ln for ln in out.splitlines() if ln.startswith(f["label"])), None)
         assert row is not None, f"no table row for {f['label']!r}:\n{out}"
-        assert row.rstrip().endswith({True: "pass", False: "FAIL", None: "-"}[f["pass"]]), row
-    met = sum(f["pass"] is True for f in figures.values())
+        if f["interval"] is None:
+            assert f["verdict"] == {True: "pass", False: "FAIL", None: "-"}[f["pass"]], name
+        assert row.rstrip().endswith(f["verdict"]), row
+    met = sum(f["verdict"] == "pass" for f in figures.values())
     assert f"{met} of {sum(f['pass'] is not None for f in figures.values())} targets met" in out
+
+
+def test_the_median_interval_is_the_binomial_one_of_order_statistics() -> None:
+    values = [float(v) for v in range(30, 0, -1)]  # any order
+    assert median_interval(values) == (10.0, 21.0)  # the 10th and 21st of 30: 95.7 % coverage
+    assert median_interval([float(v) for v in range(1, 10)]) == (2.0, 8.0)  # 9 values: 96.1 %
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # even min..max covers only 93.8 %
+
+
+def test_a_target_inside_the_interval_makes_the_verdict_unsure() -> None:
+    def fig(value: float, interval: tuple[float, float] | None) -> Figure:
+        return Figure("r", "ratio", value, "x", ("<=", 1.03), interval=interval)
+
+    assert fig(1.02, (1.01, 1.025)).verdict == "pass"
+    assert fig(1.02, (0.98, 1.06)).verdict == "unsure" and fig(1.02, (0.98, 1.06)).passed is True
+    assert fig(1.08, (1.04, 1.12)).verdict == "FAIL"
+    assert fig(1.08, None).verdict == "FAIL"
+    assert Figure("x", "x", None, "x", ("<=", 1.0)).verdict == "n/a"
 
 
 def test_in_process_figures_need_no_privileges(tmp_path: Path) -> None:
