@@ -454,8 +454,10 @@ def _guest(quick: bool, plan: Plan) -> list[Figure]:
                 fig = json.loads(out.read_text())["figures"][0]
                 detail = {**fig["detail"], "kernel": g.kernel.release, "boot_s": round(g.boot_s or 0, 1),
                           "accel": "tcg", "vcpus": 1}
+                interval = tuple(fig["interval"]) if fig.get("interval") else None
                 figures.append(Figure(name, f"guest ({g.kernel.release}, TCG) {fig['label']}, {mode}",
-                                      fig["value"], "x", ("<=", 1.02), fig.get("note", ""), detail))
+                                      fig["value"], "x", ("<=", 1.02), fig.get("note", ""), detail,
+                                      interval))
     except Exception as e:  # the harness raises its own errors (boot, timeout): a figure we could not get
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         done = {f.name for f in figures}

@@ -241,7 +241,7 @@ class Daemon:
     def _on_event(self, ev: Event) -> None:
         assert self.model is not None
         self.model.on_event(ev)
-        self.events.append(ev.to_json(self.model.hstate_of_order(ev.order)))
+        self.events.append(ev, self.model.hstate_of_order(ev.order))
 
     def _loop(self) -> None:
         assert self.model is not None

@@ -2,7 +2,8 @@
 
 A bounded ring: memory does not grow with the event rate or with the number of readers. Readers
 keep their own position (the sequence number) and learn how many records they missed when they
-fall behind the ring.
+fall behind the ring. The ring keeps the decoded events; their JSON records are built when read:
+most events are never read, and building one cost as much as the rest of the daemon's work on it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import itertools
 import threading
 from collections import deque
 from dataclasses import dataclass
+
+from observer.probes.events import Event
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,7 @@ class Batch:
 class EventLog:
     def __init__(self, maxlen: int = 4096) -> None:
         self._cond = threading.Condition()
-        self._ring: deque[tuple[int, dict[str, object]]] = deque(maxlen=maxlen)
+        self._ring: deque[tuple[int, Event, str | None]] = deque(maxlen=maxlen)  # (seq, event, hstate)
         self._last = 0  # sequence number of the newest record (first record: 1)
 
     @property
@@ -36,10 +39,11 @@ class EventLog:
             if maxlen != self._ring.maxlen:
                 self._ring = deque(self._ring, maxlen=maxlen)
 
-    def append(self, record: dict[str, object]) -> int:
+    def append(self, event: Event, hstate: str | None) -> int:
+        """Add an event of hstate ``hstate`` (sysfs name); returns its sequence number."""
         with self._cond:
             self._last += 1
-            self._ring.append((self._last, {**record, "seq": self._last}))
+            self._ring.append((self._last, event, hstate))
             self._cond.notify_all()
             return self._last
 
@@ -54,7 +58,8 @@ class EventLog:
             first = self._ring[0][0]
             start = max(seq + 1, first)
             offset = start - first
-            records = [r for _, r in itertools.islice(self._ring, offset, offset + max(limit, 0))]
+            records = [{**ev.to_json(hstate), "seq": n}
+                       for n, ev, hstate in itertools.islice(self._ring, offset, offset + max(limit, 0))]
             return Batch(records, start + len(records) - 1, start - (seq + 1))
 
     def wait(self, seq: int, timeout: float) -> bool:

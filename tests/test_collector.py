@@ -149,7 +149,7 @@ def test_events_counts_and_histogram_follow_the_model(served: tuple[ApiServer, B
     for i in range(4):
         ev = event(EventType.RESTORE, 9, seq=i)
         model.on_event(ev)
-        backend.events.append({**ev.to_json(), "hstate": "2048kB"})
+        backend.events.append(ev, "2048kB")
     failed = event(EventType.RESTORE, 18, Result.ERROR)
     model.on_event(failed)  # the 1 GiB page stays optimized (and in the pool)
     hist = [0] * 64
@@ -303,7 +303,7 @@ def test_stream_delivers_new_events_as_json_lines(served: tuple[ApiServer, Backe
     reader = threading.Thread(target=read)
     reader.start()
     for i in range(3):
-        backend.events.append({**event(EventType.OPTIMIZE, 9, seq=i).to_json(), "hstate": "2048kB"})
+        backend.events.append(event(EventType.OPTIMIZE, 9, seq=i), "2048kB")
     reader.join(timeout=10)
     conn.close()
     assert [(g["type"], g["seq"], g["event"]) for g in got] == [("event", i, "optimize") for i in (1, 2, 3)]
@@ -312,9 +312,11 @@ def test_stream_delivers_new_events_as_json_lines(served: tuple[ApiServer, Backe
 def test_stream_tells_a_slow_reader_what_it_missed() -> None:
     log = EventLog(16)
     for i in range(40):
-        log.append({"n": i})
+        log.append(event(EventType.OPTIMIZE, 9, seq=i), "2048kB")
     batch = log.since(0, 100)
     assert batch.missed == 24 and batch.records[0]["seq"] == 25 and batch.next_seq == 40
+    assert batch.records[0]["pfn"] == event(EventType.OPTIMIZE, 9, seq=24).pfn  # the 25th, built on read
+    assert batch.records[0]["hstate"] == "2048kB" and batch.records[0]["event"] == "optimize"
     assert log.since(40, 10).records == [] and log.since(99, 10).next_seq == 40
 
 
