@@ -58,9 +58,10 @@ class EventLog:
             first = self._ring[0][0]
             start = max(seq + 1, first)
             offset = start - first
-            records = [{**ev.to_json(hstate), "seq": n}
-                       for n, ev, hstate in itertools.islice(self._ring, offset, offset + max(limit, 0))]
-            return Batch(records, start + len(records) - 1, start - (seq + 1))
+            picked = list(itertools.islice(self._ring, offset, offset + max(limit, 0)))
+        # built outside the lock: the daemon's event path appends under it
+        records = [{**ev.to_json(hstate), "seq": n} for n, ev, hstate in picked]
+        return Batch(records, start + len(picked) - 1, start - (seq + 1))
 
     def wait(self, seq: int, timeout: float) -> bool:
         """Block until a record newer than ``seq`` exists or ``timeout`` passes."""
