@@ -94,7 +94,11 @@ class DaemonProcess:
                 [sys.executable, "-m", "observer", "run", "--mode", self.mode, "--listen", "127.0.0.1:0",
                  "--log-level", "warning"],
                 cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-            status = self._wait_ready(notify, t0)
+            try:
+                status = self._wait_ready(notify, t0)
+            except BaseException:  # e.g. Ctrl-C during the start-up: leave no daemon behind
+                self.stop()
+                raise
         sock_path.unlink(missing_ok=True)
         # STATUS=mode tracepoint, optimized ..., listening on 127.0.0.1:PORT
         self.chosen_mode = status.split("mode ", 1)[1].split(",", 1)[0] if "mode " in status else self.mode
