@@ -31,7 +31,7 @@
  * order, so no two pages share a slot. The verifier inlines an array lookup into a few instructions;
  * a hash lookup, update and delete per pool page cost about a third of what these programs add to a
  * pool resize. 8 bytes per 2 MiB of physical address space (0.0004 %), sized by user space with room
- * for memory hot-added later; a frame beyond it is not tracked here (resync, tracepoint.py).
+ * for memory hot-added later; a frame beyond it is not tracked (see tracepoint.py).
  */
 #ifndef HVO_TP_FRAME_SHIFT
 #define HVO_TP_FRAME_SHIFT 9

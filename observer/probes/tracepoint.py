@@ -24,8 +24,9 @@ pool_alloc, gigantic hstates (1 GiB): runtime pages come from alloc_contig_range
 pool_free: ``kmem:mm_page_free`` at an hstate order of a pfn in the BPF set of known hugetlb heads.
   The set is filled by the alloc handlers and, at start, from /proc/kpageflags (pages that existed
   before the observer). It is an array with a slot per frame of the smallest hstate up to twice the
-  highest pfn at start (``known_frames``): memory hot-added beyond that is not tracked by the programs,
-  its pool changes are found by the resync below.
+  highest pfn at start (``known_frames``). Limit: memory hot-added beyond that is not tracked (the hash
+  it replaced could fill up alike): frees of pool pages there are missed and each resync reports such a
+  page as a new pool_alloc.
   Pages that become hugetlb pages without any allocation (demote of a 1 GiB page into 2 MiB pages)
   are found by a resync: when the known count of an hstate disagrees with
   its nr_hugepages twice in a row with no pool event in between (or 5 times in a row regardless),
@@ -325,7 +326,7 @@ class TracepointProbeSet(BaseProbeSet):
 
     def _set_known(self, pfn: int, order: int) -> None:
         frame = pfn >> self.frame_shift
-        if frame < self.frames:  # beyond: hot-added memory, tracked by resyncs only
+        if frame < self.frames:  # beyond: hot-added memory, not tracked (module docstring)
             self._known[self._known.Key(frame)] = self._known.Leaf(order)
 
     def _forget(self, pfn: int, order: int) -> None:
