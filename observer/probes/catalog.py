@@ -35,7 +35,7 @@ class ProbeSpec:
 
 
 CATALOG: tuple[ProbeSpec, ...] = (
-    # --- tracepoint mode (probes engineer) ---
+    # --- tracepoint mode ---
     ProbeSpec(
         EventType.POOL_ALLOC, "tracepoint", ("kmem:mm_page_alloc",), "tp_page_alloc", TRACEPOINT,
         "buddy allocation at a hugetlb hstate order with hugetlb's gfp signature (__GFP_COMP, no "
@@ -62,7 +62,7 @@ CATALOG: tuple[ProbeSpec, ...] = (
         "inferred after pool frees of optimized pages from the vmemmap counters (6.11+); a restore "
         "failure (page kept as surplus) cannot be told from a page that was never freed",
     ),
-    # --- function probes (functions engineer) ---
+    # --- function probes ---
     # Targets are symbol candidates newest generation first; observer/probes/functions.py resolves
     # them (compiler clones only for return-only handlers) and holds the handler table.
     ProbeSpec(

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from observer.bpf_sources import bpf_source
 from observer.errors import ObserverError
 from observer.probes.catalog import CATALOG, ProbeSpec
 from observer.probes.events import EventType
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BPF_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "functions.bpf.c"
+BPF_SOURCE = bpf_source("functions.bpf.c")
 FUNCTION_MODES = ("fentry", "kprobe")
 POOL_EVENTS = frozenset({EventType.POOL_ALLOC, EventType.POOL_FREE})
 # Without these two the function modes show nothing of HVO itself; the rest is best effort.

@@ -9,8 +9,8 @@ candidates) are collected with ``pending``; the session counts those in the aggr
 
 Where the sets come from: ``PROBESET_FACTORIES[mode]`` names modules exposing
 ``probe_sets(mode: str, facts: KernelFacts) -> list[ProbeSet]``.
-  - "tracepoint": observer.probes.tracepoint (probes engineer)
-  - "fentry", "kprobe": observer.probes.functions (functions engineer)
+  - "tracepoint": observer.probes.tracepoint
+  - "fentry", "kprobe": observer.probes.functions
 
 Rules for a set's BPF text: return the source itself, do NOT ``#include`` a file that uses bcc map
 syntax (``m.lookup()``, ``m.update()``, ``events.ringbuf_output()``): bcc rewrites those only in the

@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 from ctypes import string_at
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from observer.bpf_sources import BPF_DIR, read_bpf_source
 from observer.errors import ObserverError
 from observer.probes.bpf_maps import percpu_sums
 from observer.probes.events import (
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 DEFAULT_RINGBUF_BYTES = 1 << 22
 CORE_EVENTS = (EventType.OPTIMIZE, EventType.RESTORE)
@@ -209,7 +208,7 @@ class ProbeSession:
         self.perfbuf = self.output == "perfbuf" or (self.output == "auto" and not _has_ringbuf(self.facts))
         # Inline, not #include: bcc rewrites map calls (m.lookup(), ring/perf output) only in the
         # program text itself, never in included files.
-        text = "\n".join([(BPF_DIR / "hvo_common.h").read_text(), *(ps.bpf_text() for ps in self.probe_sets)])
+        text = "\n".join([read_bpf_source("hvo_common.h"), *(ps.bpf_text() for ps in self.probe_sets)])
         # -Wno-ignored-attributes: Debian 6.12+ headers' __noendbr (nocf_check) warns under bcc's clang
         cflags = [f"-I{BPF_DIR}", "-Wno-ignored-attributes", *self._node_cflags()]
         if self.perfbuf:

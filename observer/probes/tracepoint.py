@@ -46,23 +46,23 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from observer.bpf_sources import bpf_source
 from observer.errors import KernelFactError, ObserverError
 from observer.kernel import kpageflags, tracefs
 from observer.kernel.files import read_text, under
 from observer.probes import bpf_maps
-from observer.probes.catalog import CATALOG
+from observer.probes.catalog import CATALOG, ProbeSpec
 from observer.probes.events import Event, EventType, Result
 from observer.probes.infer import VmemmapInference
 from observer.probes.page_pfn import page_pfn_cflags
 from observer.probes.probeset import Attachment, BaseProbeSet, Resolution
-from observer.probes.resolve import resolve
 
 if TYPE_CHECKING:
     from observer.kernel.facts import KernelFacts
 
 log = logging.getLogger(__name__)
 
-BPF_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "pool_tracepoints.bpf.c"
+BPF_SOURCE = bpf_source("pool_tracepoints.bpf.c")
 VERIFY_S = 2.0  # how long a gigantic candidate may stay unconfirmed
 RESYNC_CHECK_S = 1.0  # consistency check interval (known heads vs nr_hugepages)
 DEFAULT_MAX_PAGE_ORDER = 10  # x86-64 and most configs; read from /proc/buddyinfo when possible
@@ -74,6 +74,44 @@ TRACEPOINTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "page_isolation:test_pages_isolated": ("hvo_tp_pages_isolated", ("long unsigned int",) * 3),
 }
 DEFAULT_STRUCT_PAGE_SIZE = 64  # x86-64 and arm64 in every config HVO supports (geometry.py assumes it too)
+
+
+def resolve_event_spec(spec: ProbeSpec, facts: KernelFacts, mode: str) -> Resolution:
+    """Whether a tracepoint or vmemmap-counter catalog entry can be used on this kernel, and why."""
+    if spec.kind == "tracepoint":
+        return _resolve_tracepoint(spec, facts, mode)
+    return _resolve_counter(spec, facts, mode)
+
+
+def _resolve_tracepoint(spec: ProbeSpec, facts: KernelFacts, mode: str) -> Resolution:
+    missing: list[str] = []
+    for target in spec.targets:
+        system, _, name = target.partition(":")
+        try:
+            if tracefs.event_exists(system, name, facts.root):
+                problem = raw_args_problem(facts, target)
+                if problem is not None:
+                    return Resolution(spec, mode, None, False, problem)
+                return Resolution(spec, mode, target, True, "tracepoint exists")
+        except ObserverError as e:
+            return Resolution(spec, mode, None, False, str(e))
+        missing.append(target)
+    return Resolution(spec, mode, None, False, "no such tracepoint: " + ", ".join(missing))
+
+
+def _resolve_counter(spec: ProbeSpec, facts: KernelFacts, mode: str) -> Resolution:
+    from observer.kernel import sysctl, vmstat
+
+    try:
+        counters = vmstat.read_memmap_counters(facts.root)
+        hvo_sysctl = sysctl.read_hvo_sysctl(facts.root)
+    except ObserverError as e:
+        return Resolution(spec, mode, None, False, str(e))
+    if counters is None:
+        return Resolution(spec, mode, None, False, "no nr_memmap_pages in /proc/vmstat (kernel < 6.11)")
+    if hvo_sysctl is None:
+        return Resolution(spec, mode, None, False, "no vm.hugetlb_optimize_vmemmap (kernel without HVO)")
+    return Resolution(spec, mode, ",".join(spec.targets), True, "inferred from vmemmap counters")
 
 
 def raw_args_problem(facts: KernelFacts, target: str) -> str | None:
@@ -194,7 +232,7 @@ class TracepointProbeSet(BaseProbeSet):
 
     # --- ProbeSet ----------------------------------------------------------------------------
     def resolve(self, facts: KernelFacts) -> list[Resolution]:
-        return resolve(CATALOG, facts, "tracepoint")
+        return [resolve_event_spec(s, facts, "tracepoint") for s in CATALOG if "tracepoint" in s.modes]
 
     def bpf_text(self) -> str:
         return read_text(BPF_SOURCE)
