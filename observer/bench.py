@@ -11,13 +11,14 @@ Figures (``--only`` takes these names):
                    median of paired ratios of the workload's own CPU time (what the probes add in its
                    context, unaffected by other load on the machine), and of its wall time
   overhead_faults  writing 1 GiB of fresh 4 KiB pages (a page fault each), attached vs. detached
-  guest            (only with --guest) overhead_pool in a QEMU guest in fentry and kprobe mode, through
-                   the test harness in tests/vm/ (a source checkout with Debian's kernels)
 
-The pool and fault benchmarks change the 2 MiB pool and turn vm.hugetlb_optimize_vmemmap on; both
-are restored afterwards (also on Ctrl-C). They wait for the pool lock the live tests use. Nothing
-here asserts: the table says which figures meet their targets; the exit code is 0 whenever every
-figure could be measured (1 when one could not).
+overhead_pool resizes the 2 MiB pool and turns vm.hugetlb_optimize_vmemmap on: on a production host
+that is a change to the machine, so it runs only with --force, and never while the pool is in use
+(pages taken, reserved or surplus). Both are restored afterwards (also on Ctrl-C), and it waits for
+the pool lock the live tests use. Nothing here asserts: the table says which figures meet their
+targets; the exit code is 0 whenever every figure could be measured (1 when one could not).
+The same figure in QEMU guests (fentry and kprobe modes) comes from the test harness:
+``python -m tests.bench_guest`` in a source tree.
 """
 
 from __future__ import annotations
@@ -40,10 +41,9 @@ from typing import Any
 from observer import __version__
 from observer.errors import ObserverError
 
-BENCHES = ("startup", "memory", "idle_cpu", "scrape", "decode", "overhead_pool", "overhead_faults", "guest")
+BENCHES = ("startup", "memory", "idle_cpu", "scrape", "decode", "overhead_pool", "overhead_faults")
 DAEMON_BENCHES = {"startup", "memory", "idle_cpu", "overhead_pool", "overhead_faults"}
-GUEST_KERNEL = "sid"  # 7.x: fentry and kprobes, the per-folio HVO functions (Debian 6.12 reports bad pages)
-GUEST_MODES = ("fentry", "kprobe")
+POOL_BENCHES = {"overhead_pool"}  # they resize a huge page pool: --force only
 # benchmark -> the figures it reports (JSON "name"s)
 FIGURES: dict[str, tuple[str, ...]] = {
     "startup": ("startup_s",),
@@ -53,7 +53,6 @@ FIGURES: dict[str, tuple[str, ...]] = {
     "decode": ("decode_events_per_s", "pipeline_events_per_s"),
     "overhead_pool": ("overhead_pool_ratio", "overhead_pool_wall_ratio"),
     "overhead_faults": ("overhead_faults_ratio", "overhead_faults_wall_ratio"),
-    "guest": tuple(f"guest_overhead_pool_ratio_{m}" for m in GUEST_MODES),
 }
 
 
@@ -145,19 +144,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default {FULL.blocks},{FULL.reps})")
     p.add_argument("--cycles", type=int, metavar="N",
                    help=f"grow+shrink cycles per timed pool run (default {FULL.pool_cycles})")
-    p.add_argument("--guest", action="store_true",
-                   help=f"also measure fentry and kprobe overhead in a QEMU guest (Debian {GUEST_KERNEL} "
-                        "kernel; needs this source checkout's tests/vm harness; takes many minutes)")
+    p.add_argument("--force", action="store_true",
+                   help="also run overhead_pool, which resizes the 2 MiB pool and turns HVO on (restored "
+                        "afterwards); refused while the pool is in use")
 
 
 def run(args: argparse.Namespace) -> int:
-    selected = _selected(args.only, args.guest)
+    selected = _selected(args.only, args.force)
     if args.mode not in ("auto", "fentry", "kprobe", "tracepoint"):
         raise ObserverError(f"bad --mode {args.mode!r}: choose auto, fentry, kprobe or tracepoint")
     plan = QUICK if args.quick else FULL
     plan = _tuned(plan, args)
     if args.json is not None and not args.json.parent.is_dir():
         raise ObserverError(f"bad --json {args.json}: directory {args.json.parent} does not exist")
+    if args.only is None and not args.force:
+        _progress(f"not running {', '.join(sorted(POOL_BENCHES))}: it resizes the 2 MiB pool (--force)")
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     load_before = os.getloadavg()
     figures: list[Figure] = []
@@ -168,8 +169,6 @@ def run(args: argparse.Namespace) -> int:
         figures += _decode(plan)
     if selected & DAEMON_BENCHES:
         figures += _daemon_benches(plan, selected, args.mode)
-    if "guest" in selected:
-        figures += _guest(args.quick, plan)
     report = {
         "version": __version__, "started": started, "seconds": round(time.monotonic() - t0, 1),
         "quick": args.quick, "plan": asdict(plan), "machine": machine(),
@@ -203,17 +202,35 @@ def _tuned(plan: Plan, args: argparse.Namespace) -> Plan:
     return Plan(**{**asdict(plan), **changes})
 
 
-def _selected(only: str | None, guest: bool) -> set[str]:
+def _selected(only: str | None, force: bool) -> set[str]:
     if only is None:
-        return set(BENCHES) - ({"guest"} if not guest else set())
+        return set(BENCHES) - (set() if force else POOL_BENCHES)
     names = {n.strip() for n in only.split(",") if n.strip()}
     unknown = sorted(names - set(BENCHES))
     if unknown or not names:
         raise ObserverError(f"bad --only {only!r}: unknown benchmark {', '.join(unknown) or '(none)'} "
                             f"(choose from {', '.join(BENCHES)})")
-    if "guest" in names and not guest:
-        raise ObserverError("bad --only: 'guest' needs --guest (it boots QEMU guests for many minutes)")
+    forced = sorted(names & POOL_BENCHES)
+    if forced and not force:
+        raise ObserverError(f"bad --only: {', '.join(forced)} resizes the 2 MiB pool and turns HVO on: "
+                            "add --force (never on a host whose pool is in use)")
     return names
+
+
+def pool_in_use() -> str:
+    """Why the 2 MiB pool must not be resized now ("" when it may): pages taken by a process,
+    reserved for a mapping, or surplus (overcommitted) pages belong to someone."""
+    from observer.bench_workloads import H2M
+    from observer.kernel import hugepages
+
+    h = next((h for h in hugepages.read_hstates() if h.name == H2M), None)
+    if h is None:
+        return "this kernel has no 2 MiB huge page pool"
+    used = h.nr_hugepages - h.free_hugepages
+    if used or h.resv_hugepages or h.surplus_hugepages:
+        return (f"the {H2M} pool is in use ({used} of {h.nr_hugepages} pages taken, {h.resv_hugepages} "
+                f"reserved, {h.surplus_hugepages} surplus)")
+    return ""
 
 
 def _progress(msg: str) -> None:
@@ -268,6 +285,9 @@ def _daemon_benches(plan: Plan, selected: set[str], mode: str) -> list[Figure]:
     startups: list[float] = []
     chosen = [""]
     with w.daemon_workdir() as tmp, w.pool_lock() as lock_note, w.KernelGuard():
+        busy = pool_in_use() if wanted & POOL_BENCHES else ""
+        if busy:  # checked under the lock: a test resizing the pool has finished and restored it
+            raise ObserverError(f"refusing overhead_pool: {busy}")
         workdir = Path(tmp)
 
         def start() -> w.DaemonProcess:
@@ -316,7 +336,7 @@ def _overhead(plan: Plan, wanted: set[str], start: Callable[[], Any], lock_note:
     from observer.bench_workloads import H2M, grow_shrink, touch_pages
     from observer.kernel import hugepages, sysctl
 
-    if sysctl.read_hvo_sysctl() is not None:
+    if "overhead_pool" in wanted and sysctl.read_hvo_sysctl() is not None:
         sysctl.write_hvo_sysctl(True)  # the cost with HVO at work: every page optimized and restored
     base = hugepages.by_name(hugepages.read_hstates(), H2M).nr_hugepages
     workloads = {"pool": lambda: grow_shrink(plan.pool_pages, base, plan.pool_cycles),
@@ -408,60 +428,6 @@ def _steady(plan: Plan, wanted: set[str], start: Callable[[], Any]) -> list[Figu
                                   detail={"window_s": plan.idle_s, "cpu_s_per_minute": round(pct * 0.6, 3)}))
     finally:
         d.stop()
-    return figures
-
-
-# --- guest --------------------------------------------------------------------------------------
-
-def _guest(quick: bool, plan: Plan) -> list[Figure]:
-    names = list(FIGURES["guest"])
-    from observer.bench_workloads import REPO
-
-    if not (REPO / "tests" / "vm" / "guest.py").is_file():
-        why = "the QEMU harness (tests/vm) is not here: run from a source checkout"
-        return [_missing(n, why) for n in names]
-    if os.geteuid() != 0:
-        return [_missing(n, "QEMU guests sharing / over 9p need root") for n in names]
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    try:
-        from tests.vm import Guest
-    except ImportError as e:
-        return [_missing(n, f"the QEMU harness cannot be imported: {e}") for n in names]
-    figures = []
-    python = Path(sys.executable)
-    # Under TCG one grow+shrink of 1,000 pages takes seconds and each daemon start a minute of compiling:
-    # fewer starts and one cycle per run keep a full guest run near ten minutes per mode.
-    flags = "--quick" if quick else "--pairs 3,3 --cycles 1"
-    # The guest needs the pool plus room for the daemon: 2 MiB per page, and 2 GiB to spare.
-    mem_mb = max(2048, plan.pool_pages * 2 + 2048)
-    # One vCPU: the guest's clock is the host's, so with two vCPU threads (and QEMU's own) sharing this
-    # machine's cores, whatever the emulator loses to the daemon's vCPU is charged to the writer's CPU
-    # time. On one vCPU the guest kernel accounts the writer and the daemon apart, as on real hardware.
-    _progress(f"guest: booting Debian {GUEST_KERNEL} under QEMU TCG ({mem_mb} MiB, 1 vCPU)")
-    try:
-        with Guest(GUEST_KERNEL, mem_mb=mem_mb, cpus=1) as g:
-            for mode, name in zip(GUEST_MODES, names, strict=True):
-                _progress(f"guest: overhead_pool in {mode} mode (compiling under TCG takes about a minute)")
-                cmd = (f"cd {REPO} && {python} -m observer bench {flags} --only overhead_pool --mode {mode} "
-                       f"--pool-pages {plan.pool_pages} --json $HVO_OUT/bench.json")
-                r = g.run(cmd, timeout=3600)
-                out = r.outdir / "bench.json"
-                if r.exit_code != 0 or not out.is_file():
-                    why = (r.stderr.strip().splitlines() or [f"exit code {r.exit_code}"])[-1]
-                    figures.append(_missing(name, f"{mode} in the guest failed: {why}"))
-                    continue
-                fig = json.loads(out.read_text())["figures"][0]
-                detail = {**fig["detail"], "kernel": g.kernel.release, "boot_s": round(g.boot_s or 0, 1),
-                          "accel": "tcg", "vcpus": 1}
-                interval = tuple(fig["interval"]) if fig.get("interval") else None
-                figures.append(Figure(name, f"guest ({g.kernel.release}, TCG) {fig['label']}, {mode}",
-                                      fig["value"], "x", ("<=", 1.02), fig.get("note", ""), detail,
-                                      interval))
-    except Exception as e:  # the harness raises its own errors (boot, timeout): a figure we could not get
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        done = {f.name for f in figures}
-        figures += [_missing(n, f"guest failed: {first}") for n in names if n not in done]
     return figures
 
 

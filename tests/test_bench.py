@@ -82,12 +82,12 @@ def test_quick_bench_measures_every_figure(tmp_path: Path) -> None:
         pytest.skip("the daemon figures need root (BPF, pool sizes)")
     pytest.importorskip("bcc", reason="bcc (Debian's python3-bpfcc) is not importable: run scripts/setup")
     out = tmp_path / "bench.json"
-    r = bench("--quick", "--json", str(out))
+    r = bench("--quick", "--force", "--json", str(out))
     print(r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
     report = json.loads(out.read_text())
-    names = [n for b in BENCHES if b != "guest" for n in FIGURES[b]]
+    names = [n for b in BENCHES for n in FIGURES[b]]
     check_report(report, r.stdout, names)
     figures = {f["name"]: f for f in report["figures"]}
     pool = figures["overhead_pool_ratio"]["detail"]
@@ -100,7 +100,9 @@ def test_quick_bench_measures_every_figure(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("flags", "message"), [
     (["--only", "scrape,warp"], "hvo-observer: bad --only 'scrape,warp': unknown benchmark warp (choose"),
     (["--only", ","], "hvo-observer: bad --only ',': unknown benchmark (none)"),
-    (["--only", "guest"], "hvo-observer: bad --only: 'guest' needs --guest"),
+    (["--only", "guest"], "hvo-observer: bad --only 'guest': unknown benchmark guest (choose"),
+    (["--only", "overhead_pool"], "hvo-observer: bad --only: overhead_pool resizes the 2 MiB pool and turns "
+                                  "HVO on: add --force"),
     (["--pool-pages", "0"], "hvo-observer: bad --pool-pages 0: expected 1 to 100000"),
     (["--pool-pages", "many"], "hvo-observer: argument --pool-pages: invalid int value: 'many'"),
     (["--mode", "ebpf"], "hvo-observer: bad --mode 'ebpf': choose auto, fentry, kprobe or tracepoint"),
