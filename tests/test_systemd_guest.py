@@ -2,7 +2,7 @@
 Debian's 6.1 kernel over the host's root.
 
 The unit file and the example configuration go into the guest exactly as shipped, at the paths an
-install uses (/etc/systemd/system/, /etc/hvo-observer/hvo-observer.toml); /usr/local/bin/hvo-observer,
+install uses (/etc/systemd/system/, /etc/hvo-observer/hvo-observer.toml); /usr/bin/hvo-observer,
 which the unit runs, execs the checkout (bind-mounted at /opt/hvo) as ``python -m observer`` (so the
 main PID is the daemon). The unit is not enabled: each test starts what it needs, in file order:
 
@@ -82,7 +82,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
         f"/etc/systemd/system/{UNIT}.d/checkout.conf":
             "[Unit]\nRequiresMountsFor=/opt/hvo\n[Service]\nTimeoutStartSec=900s\n",
         # cwd first on sys.path: the code at /opt/hvo, not the editable install's path to the checkout
-        "/usr/local/bin/hvo-observer":
+        "/usr/bin/hvo-observer":
             '#!/bin/sh\ncd /opt/hvo && exec /opt/hvo/.venv/bin/python -m observer "$@"\n',
     }
     # serial-getty@ttyS0 waits 90 s for a device udev never announces in these guests.

@@ -1,6 +1,6 @@
 """systemd/hvo-observer.service: `systemd-analyze verify` passes and the hardening stays in place.
 
-The unit runs /usr/local/bin/hvo-observer (the installer links it to the venv's entry point), also as
+The unit runs /usr/bin/hvo-observer (the Debian package's launcher), also as
 its privileged start-up step (ExecStartPre=+ kernel-addresses).
 `verify` insists that the binary exists, so the check runs on a copy whose ExecStart names this
 checkout's entry point, which is exactly the rewrite an install would amount to.
@@ -18,7 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "hvo-observer.service"
-INSTALLED_BINARY = "/usr/local/bin/hvo-observer"
+INSTALLED_BINARY = "/usr/bin/hvo-observer"
 MAX_EXPOSURE = 2.5
 
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
