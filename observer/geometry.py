@@ -74,9 +74,16 @@ def freeable_vmemmap_pages(order: int, struct_page_size: int, page_size: int,
     return total - gen.reserved_vmemmap_pages if total > gen.reserved_vmemmap_pages else 0
 
 
+def memmap_pages_per_section(layout: MemoryLayout, struct_page_size: int, page_size: int) -> int:
+    """The kernel's DIV_ROUND_UP(PAGES_PER_SECTION * sizeof(struct page), PAGE_SIZE) (mm/sparse.c)."""
+    return -(-(layout.section_size_bytes // page_size) * struct_page_size // page_size)
+
+
 def baseline_memmap_pages(layout: MemoryLayout, struct_page_size: int, page_size: int) -> int:
-    """vmemmap pages with nothing optimized: one struct page per base page of each online block."""
-    return layout.online_bytes // page_size * struct_page_size // page_size
+    """vmemmap pages with nothing optimized, as the kernel counts them: the memmap of every present
+    section of RAM, online or offline (observer/kernel/memory_blocks.py). Device memory is not
+    included; observer/vmemmap_truth.py calibrates against the kernel's counters."""
+    return layout.present_sections * memmap_pages_per_section(layout, struct_page_size, page_size)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """One reading of the kernel facts the model reconciles against: pools, vmemmap counters, sysctl.
 
 Cheap enough to take several times a second (a dozen sysfs files and /proc/vmstat); the memory
-layout (hundreds of files) is read only when asked, since it changes only with memory hotplug.
+layout (hundreds of files) is read again only when memory hotplug may have changed it: a cheap
+probe (the memory-block directory listing and the RAM map) is compared at every reading, so a
+hot-add or removal is followed by the next snapshot. The full vmemmap comes from
+observer/vmemmap_truth.py (layout prediction, calibrated whenever the pools are empty).
 """
 
 from __future__ import annotations
@@ -10,12 +13,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from observer.geometry import baseline_memmap_pages
 from observer.kernel.files import ROOT
 from observer.kernel.hugepages import read_hstates
-from observer.kernel.memory_blocks import MemoryLayout, read_memory_layout
+from observer.kernel.memory_blocks import MemoryLayout, layout_probe, read_memory_layout
 from observer.kernel.sysctl import read_hvo_sysctl
 from observer.kernel.vmstat import read_memmap_counters
+from observer.vmemmap_truth import FullVmemmap
 
 PoolKey = tuple[str, int]  # (hstate name as sysfs spells it, NUMA node)
 
@@ -49,7 +52,7 @@ class KernelSnapshot:
     def change_key(self) -> tuple[object, ...]:
         """What must stay unchanged for the kernel to count as quiet."""
         return (tuple(sorted((k, p.pages, p.surplus) for k, p in self.pools.items())),
-                self.memmap_pages, self.hvo_enabled)
+                self.memmap_pages, self.full_memmap_pages, self.hvo_enabled)
 
 
 class SnapshotReader:
@@ -58,12 +61,19 @@ class SnapshotReader:
         self.page_size = page_size
         self.struct_page_size = struct_page_size
         self.layout: MemoryLayout | None = None
+        self.layout_generation = 0  # bumped whenever a re-read found a different layout
+        self.truth = FullVmemmap(struct_page_size, page_size)
+        self._probe: object = None
 
     def refresh_layout(self) -> None:
-        self.layout = read_memory_layout(self.root)
+        self._probe = layout_probe(self.root)
+        layout = read_memory_layout(self.root)
+        if self.layout is None or layout.change_key() != self.layout.change_key():
+            self.layout_generation += 1
+        self.layout = layout
 
     def read(self) -> KernelSnapshot:
-        if self.layout is None:
+        if self.layout is None or layout_probe(self.root) != self._probe:
             self.refresh_layout()
         assert self.layout is not None
         taken = time.monotonic_ns()  # before reading: whatever finished earlier is in this snapshot
@@ -75,8 +85,8 @@ class SnapshotReader:
             for n, p in h.nodes.items():
                 pools[(h.name, n)] = PoolPages(p.nr_hugepages, p.free_hugepages, p.surplus_hugepages)
         counters = read_memmap_counters(self.root)
-        full = (baseline_memmap_pages(self.layout, self.struct_page_size, self.page_size)
-                if self.layout.block_size_bytes else None)
+        empty = all(p.pages == 0 for p in pools.values())
+        full = self.truth.full_pages(self.layout, counters.total if counters else None, empty, taken)
         return KernelSnapshot(
             taken_ns=taken,
             pools=pools,
