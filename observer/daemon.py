@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import signal
 import threading
@@ -44,7 +45,7 @@ IDLE_AFTER_S = 5.0
 IDLE_POLL_MS = 2000
 SNAPSHOT_IDLE_S = 2.0
 AGGREGATES_INTERVAL_S = 2.0
-LAYOUT_INTERVAL_S = 30.0
+LAYOUT_INTERVAL_S = 30.0  # full layout re-read; hot-add/removal is followed at every snapshot (probe)
 STALL_S = 5.0  # /healthz fails when the main loop has not turned for this long
 MODE_RANK = {"fentry": 0, "kprobe": 1, "tracepoint": 2}
 
@@ -62,7 +63,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", metavar="LEVEL", help="debug, info (default), warning or error")
     p.add_argument("--recent-events", type=int, metavar="N",
                    help="events kept for /api/v1/events (default 4096)")
-    p.add_argument("--max-clients", type=int, metavar="N", help="concurrent HTTP connections (default 16)")
+    p.add_argument("--max-clients", type=int, metavar="N", help="concurrent HTTP requests (default 16)")
+    p.add_argument("--max-streams", type=int, metavar="N", help="concurrent event streams (default 8)")
+    p.add_argument("--web.config.file", "--web-config-file", dest="web_config_file", metavar="FILE",
+                   help="exporter-toolkit web config securing the TCP listener (TLS, basic auth); "
+                        "re-read on SIGHUP")
+    p.add_argument("--api-socket", metavar="PATH",
+                   help="Unix socket of the JSON API (default /run/hvo-observer/api.sock; '' for none)")
+    p.add_argument("--api-socket-group", metavar="GROUP",
+                   help="group that may use the API socket besides root")
+    p.add_argument("--tcp-api", action="store_true", default=None,
+                   help="also serve the JSON API on the TCP listener (behind the web config)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,6 +116,8 @@ class Daemon:
         self.exposition: Any = None
         self.session: Any = None
         self.server: Any = None
+        self.api_server: Any = None
+        self.web: Any = None
         self._facts: Any = None
         self._reader: Any = None
         self._stop = threading.Event()
@@ -130,7 +143,7 @@ class Daemon:
         if self.model is None:
             return {"version": __version__, "ready": False}
         return {**view_to_json(self.model.view()), "ready": self._ready.is_set(),
-                "listen": self.server.listen}
+                "listen": self.server.listen, "api_socket": self.cfg.api_socket or None}
 
     # --- lifecycle -------------------------------------------------------------------------
     def serve(self) -> int:
@@ -171,9 +184,15 @@ class Daemon:
         self.model = Model.for_facts(facts, self.cfg.settle_seconds)
         specs = self.model.hstates
         self.exposition = Exposition(self.model.view)
+        self.web = self._load_web(self.cfg)
         self.server = self._bind(self.cfg)
+        self.api_server = self._bind_socket(self.cfg)
         self.server.start()
-        log.info("listening on %s (/metrics, /healthz, /api/v1)", self.server.listen)
+        log.info("listening on %s (/metrics, /healthz%s): %s", self.server.listen,
+                 ", /api/v1" if self.cfg.tcp_api else "", self.web.describe())
+        if self.api_server is not None:
+            self.api_server.start()
+            log.info("JSON API on %s", self.api_server.listen)
         self._reader = SnapshotReader(facts.root, facts.page_size, facts.struct_page_size or 64)
         self.session = self._start_session(self.cfg)
         if self._stop.is_set():
@@ -186,13 +205,38 @@ class Daemon:
                  "exact" if info.exact else f"not exact: {info.note}")
         self._release_startup_memory()
 
+    def _load_web(self, cfg: Config) -> Any:
+        from observer import web_config
+
+        return web_config.load(Path(cfg.web_config_file)) if cfg.web_config_file else web_config.WebConfig()
+
     def _bind(self, cfg: Config) -> Any:
         from observer.http_api import ApiServer
 
         try:
-            return ApiServer(cfg.address, self, cfg.max_clients)
+            return ApiServer(cfg.address, self, cfg.max_clients, api=cfg.tcp_api, web=self.web,
+                             max_streams=cfg.max_streams)
         except OSError as e:
             raise ObserverError(f"cannot listen on {cfg.listen}: {e.strerror or e}") from None
+
+    def _bind_socket(self, cfg: Config) -> Any:
+        """The JSON API's Unix socket (None when ``api_socket`` is empty)."""
+        from observer.http_api import SocketGroupError, UnixApiServer
+
+        if not cfg.api_socket:
+            return None
+        gid = _group_id(cfg.api_socket_group)
+        try:
+            return UnixApiServer(Path(cfg.api_socket), self, cfg.max_clients, max_streams=cfg.max_streams,
+                                 gid=gid)
+        except SocketGroupError as e:
+            raise ObserverError(f"api_socket_group = {cfg.api_socket_group!r}: cannot give {cfg.api_socket} "
+                                f"to that group ({e.strerror}; the daemon must be a member of it: "
+                                "SupplementaryGroups= in the unit)") from None
+        except OSError as e:
+            missing = e.errno == errno.ENOENT
+            hint = " (the unit's RuntimeDirectory= creates /run/hvo-observer)" if missing else ""
+            raise ObserverError(f"cannot listen on {cfg.api_socket}: {e.strerror or e}{hint}") from None
 
     def _start_session(self, cfg: Config) -> Any:
         from observer.probes.session import ProbeSession, select_mode
@@ -249,6 +293,7 @@ class Daemon:
         last_snap, next_agg, next_wd = float("-inf"), 0.0, 0.0
         agg_ns = 0
         next_layout = time.monotonic() + LAYOUT_INTERVAL_S
+        layout_seen = self._reader.layout_generation
         records, active = self.session.records, time.monotonic()  # last record, or the model unsettled
         while not self._stop.is_set():
             if self.session.records != records or not self.model.settled:
@@ -268,6 +313,9 @@ class Daemon:
                 # One instant for both decisions: were the quiet moment judged later than the
                 # aggregates were considered (a slow snapshot read), it could settle on stale counts.
                 snap, judged_at = self._reader.read(), time.monotonic_ns()
+                if self._reader.layout_generation != layout_seen:  # memory hot-added or removed
+                    layout_seen = self._reader.layout_generation
+                    self.session.refresh_node_map(self._reader.layout)
                 due, quiet_since = self.model.settle_due(judged_at)
                 if now >= next_agg or (due and agg_ns < quiet_since):
                     agg, agg_ns = self.session.aggregates(), time.monotonic_ns()
@@ -291,6 +339,8 @@ class Daemon:
     def _shutdown(self) -> None:
         if self.server is not None:
             self.server.stop()
+        if self.api_server is not None:
+            self.api_server.stop()
         if self.session is not None:
             self.session.close()
 
@@ -298,7 +348,12 @@ class Daemon:
     def _do_reload(self) -> None:
         sd_notify.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
-            self._apply(config.resolve(self.config_path, self.overrides))
+            new = config.resolve(self.config_path, self.overrides)
+            web = self._load_web(new)
+            if web.fingerprint != self.web.fingerprint or web.path != self.web.path:
+                self.web = self.server.web = web  # the next connections use it
+                log.info("reload: TCP listener %s", web.describe())
+            self._apply(new)
         except ObserverError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
         finally:
@@ -311,21 +366,41 @@ class Daemon:
             return
         assert self.model is not None
         changed = [k for k in config.KEYS if getattr(new, k) != getattr(old, k)]
-        server = None
-        if new.listen != old.listen or new.max_clients != old.max_clients:
+        server = api_server = None
+        if (new.listen, new.max_clients, new.max_streams, new.tcp_api) != (
+                old.listen, old.max_clients, old.max_streams, old.tcp_api):
             server = self._bind(new)  # raises, keeping the old server, when the new address is busy
+        socket_keys = ("api_socket", "api_socket_group", "max_clients", "max_streams")
+        if any(getattr(new, k) != getattr(old, k) for k in socket_keys):
+            if self.api_server is not None and new.api_socket == old.api_socket:
+                self.api_server.stop()  # the same path: the old socket goes first
+                self.api_server = None
+            try:
+                api_server = self._bind_socket(new)
+            except ObserverError:
+                if server is not None:
+                    server.server_close()
+                raise
         if new.mode != old.mode or new.ring_buffer_bytes != old.ring_buffer_bytes:
             try:
                 self._restart_session(old, new)
             except ObserverError:
-                if server is not None:
-                    server.server_close()
+                for s in (server, api_server):
+                    if s is not None:
+                        s.server_close()
                 raise
         if server is not None:
             server.start()
             self.server.stop()
             self.server = server
             log.info("listening on %s", server.listen)
+        if any(getattr(new, k) != getattr(old, k) for k in socket_keys):
+            if self.api_server is not None:
+                self.api_server.stop()
+            self.api_server = api_server
+            if api_server is not None:
+                api_server.start()
+                log.info("JSON API on %s", api_server.listen)
         logsetup.set_level(new.log_level)
         self.model.set_settle_seconds(new.settle_seconds)
         self.events.resize(new.recent_events)
@@ -351,3 +426,16 @@ class Daemon:
         opt = ", ".join(f"{s.name} {v.optimized(s.name)}/{v.pool_pages(s.name)}" for s in v.hstates)
         return f"mode {v.runtime.mode}, optimized {opt or 'none'}, listening on {self.server.listen}"
 
+
+def _group_id(name: str) -> int:
+    """The gid of ``api_socket_group`` (a name or a number); -1 for "" (root's group)."""
+    import grp
+
+    if not name:
+        return -1
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ObserverError(f"api_socket_group = {name!r}: no such group") from None

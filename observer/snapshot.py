@@ -15,7 +15,7 @@ from pathlib import Path
 
 from observer.kernel.files import ROOT
 from observer.kernel.hugepages import read_hstates
-from observer.kernel.memory_blocks import MemoryLayout, layout_probe, read_memory_layout
+from observer.kernel.memory_blocks import LayoutFollower, MemoryLayout
 from observer.kernel.sysctl import read_hvo_sysctl
 from observer.kernel.vmstat import read_memmap_counters
 from observer.vmemmap_truth import FullVmemmap
@@ -60,22 +60,23 @@ class SnapshotReader:
         self.root = root
         self.page_size = page_size
         self.struct_page_size = struct_page_size
-        self.layout: MemoryLayout | None = None
-        self.layout_generation = 0  # bumped whenever a re-read found a different layout
         self.truth = FullVmemmap(struct_page_size, page_size)
-        self._probe: object = None
+        self._layout = LayoutFollower(root)
+
+    @property
+    def layout(self) -> MemoryLayout | None:
+        return self._layout.layout
+
+    @property
+    def layout_generation(self) -> int:
+        """Bumped whenever a re-read found a different layout (memory hot-added or removed)."""
+        return self._layout.generation
 
     def refresh_layout(self) -> None:
-        self._probe = layout_probe(self.root)
-        layout = read_memory_layout(self.root)
-        if self.layout is None or layout.change_key() != self.layout.change_key():
-            self.layout_generation += 1
-        self.layout = layout
+        self._layout.refresh()
 
     def read(self) -> KernelSnapshot:
-        if self.layout is None or layout_probe(self.root) != self._probe:
-            self.refresh_layout()
-        assert self.layout is not None
+        layout = self._layout.current()
         taken = time.monotonic_ns()  # before reading: whatever finished earlier is in this snapshot
         pools: dict[PoolKey, PoolPages] = {}
         for h in read_hstates(self.root, self.page_size):
@@ -86,7 +87,7 @@ class SnapshotReader:
                 pools[(h.name, n)] = PoolPages(p.nr_hugepages, p.free_hugepages, p.surplus_hugepages)
         counters = read_memmap_counters(self.root)
         empty = all(p.pages == 0 for p in pools.values())
-        full = self.truth.full_pages(self.layout, counters.total if counters else None, empty, taken)
+        full = self.truth.full_pages(layout, counters.total if counters else None, empty, taken)
         return KernelSnapshot(
             taken_ns=taken,
             pools=pools,

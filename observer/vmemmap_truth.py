@@ -16,10 +16,14 @@ the whole vmemmap. The calibration is what counts:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+from observer.errors import ObserverError
 from observer.geometry import baseline_memmap_pages
-from observer.kernel.memory_blocks import MemoryLayout
+from observer.kernel.memory_blocks import LayoutFollower, MemoryLayout
+from observer.kernel.vmstat import MemmapCounters
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +89,29 @@ class FullVmemmap:
             log.warning("vmemmap with nothing optimized: the kernel counts %d pages, the memory layout "
                         "predicts %s; trusting the kernel (byte truth unavailable after the next layout "
                         "change until the pools are empty again)", live, predicted)
+
+
+def hotplug_neutral_counters(read_counters: Callable[[], MemmapCounters | None], root: Path,
+                             struct_page_size: int, page_size: int) -> Callable[[], MemmapCounters | None]:
+    """``read_counters`` with the memmap of memory hot-added (or removed) since this call taken out,
+    so that code reading HVO from counter deltas never reads a hot-add as restores (or a removal as
+    optimizations). The layout is re-read only when its cheap probe changes."""
+    follower = LayoutFollower(root)
+    truth = FullVmemmap(struct_page_size, page_size)
+
+    def predicted() -> int | None:
+        try:
+            return truth.predicted(follower.current())
+        except ObserverError:
+            return None
+
+    start = predicted()
+
+    def read() -> MemmapCounters | None:
+        counters = read_counters()
+        now = predicted()
+        if counters is None or start is None or now is None or now == start:
+            return counters
+        return MemmapCounters(counters.memmap_pages - (now - start), counters.memmap_boot_pages)
+
+    return read

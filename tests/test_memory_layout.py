@@ -157,3 +157,19 @@ def test_device_memory_leaves_the_prediction_unknown_until_calibrated(tmp_path: 
     assert truth.full_pages(layout, 1, False, 0) is None
     truth.full_pages(layout, 400_000, True, 0)
     assert truth.full_pages(layout, 400_000, True, 1) == 400_000
+
+
+def test_counter_deltas_without_the_hot_added_memmap(tmp_path: Path) -> None:
+    from observer.kernel.vmstat import MemmapCounters
+    from observer.vmemmap_truth import hotplug_neutral_counters
+
+    make_tree(tmp_path, RAM)
+    live = [MemmapCounters(1000, sections_of(RAM) * 512)]
+    read = hotplug_neutral_counters(lambda: live[0], tmp_path, 64, 4096)
+    assert read() == live[0]
+    # a 1 GiB DIMM is hot-added (8 sections: +4,096 memmap pages) while 3 x 2 MiB pages are restored
+    (tmp_path / "sys/devices/system/memory/memory40").mkdir()
+    with (tmp_path / "proc/iomem").open("a") as f:
+        f.write(f"{80 * GIB:x}-{81 * GIB - 1:x} : System RAM\n")
+    live[0] = MemmapCounters(1000 + 4096 + 3 * 7, sections_of(RAM) * 512)
+    assert read().total - (1000 + sections_of(RAM) * 512) == 3 * 7

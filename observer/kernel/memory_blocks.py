@@ -140,6 +140,30 @@ def layout_probe(root: Path = ROOT) -> tuple[object, ...]:
     return names, text
 
 
+class LayoutFollower:
+    """The current layout, re-read only when ``layout_probe`` says memory was hot-added or removed
+    (or on ``refresh()``); ``generation`` counts the changes seen."""
+
+    def __init__(self, root: Path = ROOT) -> None:
+        self.root = root
+        self.layout: MemoryLayout | None = None
+        self.generation = 0
+        self._probe: object = None
+
+    def refresh(self) -> MemoryLayout:
+        self._probe = layout_probe(self.root)
+        layout = read_memory_layout(self.root)
+        if self.layout is None or layout.change_key() != self.layout.change_key():
+            self.generation += 1
+        self.layout = layout
+        return layout
+
+    def current(self) -> MemoryLayout:
+        if self.layout is None or layout_probe(self.root) != self._probe:
+            return self.refresh()
+        return self.layout
+
+
 def read_ram_ranges(root: Path = ROOT) -> tuple[tuple[Range, ...], tuple[tuple[Range, str], ...], str]:
     """(System RAM ranges, device memory entries, source file); empty when neither file can tell."""
     iomem = under(root, IOMEM)

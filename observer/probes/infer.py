@@ -72,13 +72,14 @@ class PoolState:
 
 def inferred(event: Event, kind: EventType, result: Result, err: int = 0) -> Event:
     """An inferred optimize/restore attributed to the page and task of a pool event."""
-    return replace(event, event=kind, result=result, err=err, duration_ns=0, inferred=True)
+    return replace(event, event=kind, result=result, err=err, duration_ns=0, inferred=True,
+                   kernel_counted=False)
 
 
 def _restore_error(order: int, ts_ns: int, like: Event | None) -> Event:
     if like is not None:
         return replace(like, event=EventType.RESTORE, result=Result.ERROR, err=errno.ENOMEM, pfn=0,
-                       node=None, duration_ns=0, inferred=True, ts_ns=ts_ns)
+                       node=None, duration_ns=0, inferred=True, ts_ns=ts_ns, kernel_counted=False)
     return Event(ts_ns=ts_ns, pfn=0, cgroup_id=0, duration_ns=0, tgid=0, tid=0, err=errno.ENOMEM, node=None,
                  event=EventType.RESTORE, result=Result.ERROR, order=order, inferred=True, comm="")
 
@@ -138,7 +139,11 @@ class VmemmapInference:
             return {h.order: PoolState(h.nr_hugepages, h.free_hugepages, h.surplus_hugepages,
                                        h.resv_hugepages) for h in facts.hstates()}
 
-        return cls(freeable, facts.memmap_counters, facts.hvo_sysctl, pools, baseline)
+        from observer.vmemmap_truth import hotplug_neutral_counters
+
+        counters = hotplug_neutral_counters(facts.memmap_counters, facts.root, facts.struct_page_size or 64,
+                                            facts.page_size)
+        return cls(freeable, counters, facts.hvo_sysctl, pools, baseline)
 
     @property
     def busy(self) -> bool:

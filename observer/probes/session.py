@@ -8,29 +8,20 @@ detaches explicitly; SIGTERM handling belongs to the caller (the daemon turns it
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import time
 from collections.abc import Callable
 from ctypes import string_at
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from observer.bpf_sources import BPF_DIR, read_bpf_source
 from observer.errors import ObserverError
+from observer.probes.aggregates import AggregateLayout, Aggregates, CountKey, HistKey
 from observer.probes.bpf_maps import percpu_sums
-from observer.probes.events import (
-    EVENT_SIZE,
-    HIST_BUCKETS,
-    MAX_ORDER,
-    NR_EVENTS,
-    NR_RESULTS,
-    Event,
-    EventType,
-    Result,
-    decode,
-)
+from observer.probes.events import EVENT_SIZE, HIST_BUCKETS, Event, EventType, decode
 from observer.probes.probeset import MODES, PROBESET_FACTORIES, Attachment, BaseProbeSet, ProbeSet
 
 if TYPE_CHECKING:
@@ -39,20 +30,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+NODE_MAP_MIN_BLOCKS = 4096  # pfn->node map entries at least (16 KiB): room for hot-added memory
 DEFAULT_RINGBUF_BYTES = 1 << 22
 CORE_EVENTS = (EventType.OPTIMIZE, EventType.RESTORE)
 
-CountKey = tuple[EventType, int, Result]
-HistKey = tuple[EventType, int]
-
-
-@dataclass(frozen=True)
-class Aggregates:
-    """Exact totals since the session started: kernel per-CPU maps + user-space (inferred) events."""
-
-    counts: dict[CountKey, int] = field(default_factory=dict)
-    hist: dict[HistKey, list[int]] = field(default_factory=dict)  # 64 log2(ns) buckets
-    lost: int = 0
+__all__ = ["Aggregates", "CountKey", "HistKey", "ProbeSession", "select_mode"]
 
 
 def select_mode(facts: KernelFacts) -> tuple[str, str]:
@@ -129,6 +111,7 @@ class ProbeSession:
         self._cb_error: BaseException | None = None
         self._ring_cb: Any = None  # keeps the ctypes callback alive
         self._layout: Any = None  # MemoryLayout for the pfn -> node map
+        self.aggregate_layout = AggregateLayout(())  # slots of `counts`/`hist`, set at compile
         self._kernel_counts: list[int] | None = None  # the `counts` map at the last aggregates()
         self._kernel_hist: dict[HistKey, list[int]] | None = None  # `hist`, while it cannot have moved
 
@@ -210,7 +193,9 @@ class ProbeSession:
         # program text itself, never in included files.
         text = "\n".join([read_bpf_source("hvo_common.h"), *(ps.bpf_text() for ps in self.probe_sets)])
         # -Wno-ignored-attributes: Debian 6.12+ headers' __noendbr (nocf_check) warns under bcc's clang
-        cflags = [f"-I{BPF_DIR}", "-Wno-ignored-attributes", *self._node_cflags()]
+        self.aggregate_layout = AggregateLayout(tuple(sorted({h.order for h in self.facts.hstates()})))
+        cflags = [f"-I{BPF_DIR}", "-Wno-ignored-attributes", *self._node_cflags(),
+                  *self.aggregate_layout.cflags()]
         if self.perfbuf:
             cflags.append("-DHVO_PERFBUF")
         else:
@@ -230,16 +215,36 @@ class ProbeSession:
             return []
         pages_per_block = self._layout.block_size_bytes // PAGE_SIZE
         shift = pages_per_block.bit_length() - 1
-        nblocks = max(b.index for b in self._layout.blocks) + 1
+        # room for memory hot-added later (refresh_node_map): 4 bytes an entry
+        nblocks = max(4 * (max(b.index for b in self._layout.blocks) + 1), NODE_MAP_MIN_BLOCKS)
         return [f"-DHVO_BLOCK_PFN_SHIFT={shift}", f"-DHVO_NODE_BLOCKS={nblocks}"]
 
-    def _fill_node_map(self, bpf: Any) -> None:
+    def _fill_node_map(self, bpf: Any, before: Any = None) -> None:
         if self._layout is None or not self._layout.blocks:
             return
         table = bpf[b"hvo_block_node"]
-        for b in self._layout.blocks:
-            if b.node is not None:
-                table[table.Key(b.index)] = table.Leaf(b.node + 1)
+        now = {b.index: b.node for b in self._layout.blocks if b.node is not None}
+        old = {b.index: b.node for b in before.blocks if b.node is not None} if before is not None else {}
+        for index in old.keys() - now.keys():  # removed memory: node unknown again
+            with contextlib.suppress(Exception):
+                table[table.Key(index)] = table.Leaf(0)
+        for index, node in now.items():
+            if old.get(index) != node:
+                try:
+                    table[table.Key(index)] = table.Leaf(node + 1)
+                except Exception:  # beyond the map's room (hot-added far above boot memory)
+                    log.warning("memory block %d is beyond the pfn->node map: its events carry no node",
+                                index)
+
+    def refresh_node_map(self, layout: Any) -> None:
+        """Memory was hot-added or removed: the BPF pfn -> node map follows the new layout (only if
+        the map was built with the same block size)."""
+        if self._bpf is None or layout is None or self._layout is None:
+            return
+        if layout.block_size_bytes != self._layout.block_size_bytes:
+            return
+        before, self._layout = self._layout, layout
+        self._fill_node_map(self._bpf, before)
 
     def _open_output(self) -> None:
         events = self._bpf[b"events"]
@@ -282,8 +287,9 @@ class ProbeSession:
     def _dispatch(self, ev: Event) -> None:
         for observe in self._observers:
             if not observe(ev):
-                self._count_user(ev, -1)  # retracted candidate: BPF already counted it
-                return
+                return  # deferred (pending() re-emits it) or retracted: counted only if accepted
+        if not ev.kernel_counted:
+            self._count_user(ev)  # a candidate the probe set accepted at once
         self.on_event(ev)
 
     def poll(self, timeout_ms: int = 100) -> None:
@@ -303,15 +309,17 @@ class ProbeSession:
         now = time.monotonic_ns()
         for ps in self.probe_sets:
             for ev in ps.pending(now):
-                self._count_user(ev, 1)
+                if not ev.kernel_counted:
+                    self._count_user(ev)
                 self.on_event(ev)
 
-    def _count_user(self, ev: Event, n: int) -> None:
+    def _count_user(self, ev: Event) -> None:
+        """Count an event user space made or accepted. Only ever adds: counters never go down."""
         key = (ev.event, ev.order, ev.result)
-        self._user_counts[key] = self._user_counts.get(key, 0) + n
+        self._user_counts[key] = self._user_counts.get(key, 0) + 1
         if ev.duration_ns:
             h = self._user_hist.setdefault((ev.event, ev.order), [0] * HIST_BUCKETS)
-            h[min(ev.duration_ns.bit_length() - 1, HIST_BUCKETS - 1)] += n
+            h[min(ev.duration_ns.bit_length() - 1, HIST_BUCKETS - 1)] += 1
 
     # --- aggregates ------------------------------------------------------------------------
     def aggregates(self) -> Aggregates:
@@ -319,13 +327,8 @@ class ProbeSession:
             raise ObserverError("probe session is not started")
         counts: dict[CountKey, int] = dict(self._user_counts)
         raw_counts = percpu_sums(self._bpf[b"counts"])
-        for idx, n in enumerate(raw_counts):
-            if n:
-                ev, rest = divmod(idx, MAX_ORDER * NR_RESULTS)
-                order, res = divmod(rest, NR_RESULTS)
-                if 0 < ev < NR_EVENTS:
-                    key = (EventType(ev), order, Result(res))
-                    counts[key] = counts.get(key, 0) + n
+        for key, n in self.aggregate_layout.decode_counts(raw_counts).items():
+            counts[key] = counts.get(key, 0) + n
         hist = {k: list(v) for k, v in self._user_hist.items()}
         for key, buckets in self._read_kernel_hist(raw_counts).items():
             acc = hist.setdefault(key, [0] * HIST_BUCKETS)
@@ -337,8 +340,8 @@ class ProbeSession:
         return Aggregates(counts=counts, hist=hist, lost=lost)
 
     def _read_kernel_hist(self, raw_counts: list[int]) -> dict[HistKey, list[int]]:
-        """The `hist` map (32,768 per-CPU slots, the bulk of a read), read only when it may have
-        changed. hvo_emit() adds to `counts` before `hist`, and every hist entry has its count: while
+        """The `hist` map (the bulk of a read: 600 per-CPU slots with two hstates), read only when it
+        may have changed. hvo_emit() adds to `counts` before `hist`, and every hist entry has its count: while
         the counts stay as they were, so does hist. A read right after the counts moved may come
         between an event's two increments, so hist is read once more at the next call, and from then
         on reused until the counts move again."""
@@ -346,13 +349,7 @@ class ProbeSession:
         self._kernel_counts = raw_counts
         if unchanged and self._kernel_hist is not None:
             return self._kernel_hist
-        hist: dict[HistKey, list[int]] = {}
-        raw = percpu_sums(self._bpf[b"hist"])
-        for idx in (i for i, n in enumerate(raw) if n):
-            ev, rest = divmod(idx, MAX_ORDER * HIST_BUCKETS)
-            order, bucket = divmod(rest, HIST_BUCKETS)
-            if 0 < ev < NR_EVENTS:
-                hist.setdefault((EventType(ev), order), [0] * HIST_BUCKETS)[bucket] += raw[idx]
+        hist = self.aggregate_layout.decode_hist(percpu_sums(self._bpf[b"hist"]))
         self._kernel_hist = hist if unchanged else None
         return hist
 
