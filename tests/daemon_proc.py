@@ -106,8 +106,8 @@ class Daemon:
         cmd = [*wrapper, *UNIT_PRIVILEGES, sys.executable, *launcher, "run", "--mode", mode,
                "--listen", f"127.0.0.1:{self.port}", *extra]
         self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(  # runs: setpriv unshare
+            cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
     @property
     def pid(self) -> int:

@@ -26,7 +26,7 @@ def find_promtool() -> str | None:
 def run_promtool(
     promtool: str, *args: str | Path, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return subprocess.run(  # runs: promtool
         [promtool, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
     )
 

@@ -23,8 +23,8 @@ from tests.daemon_proc import REPO, UNIT_PRIVILEGES, Daemon, skip_unless_possibl
 
 
 def run(*args: str, wrapper: tuple[str, ...] = (), timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*wrapper, sys.executable, "-m", "observer", "run", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run([*wrapper, sys.executable, "-m", "observer", "run", *args],  # runs: setpriv unshare
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def one_line_error(r: subprocess.CompletedProcess[str], *, logged: bool = False) -> str:

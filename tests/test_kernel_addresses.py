@@ -174,8 +174,8 @@ def cli(*args: str, drop_syslog: bool = False) -> subprocess.CompletedProcess[st
     if not ENTRY_POINT.exists():
         pytest.skip(f"{ENTRY_POINT} is missing: install the project (scripts/setup)")
     setpriv = NO_SYSLOG if drop_syslog else []
-    return subprocess.run([*setpriv, str(ENTRY_POINT), *args], capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run([*setpriv, str(ENTRY_POINT), *args],  # runs: setpriv
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def perf_shows_addresses() -> bool:

@@ -297,7 +297,7 @@ class AptSuite:
     def _run(self, tool: str, *args: str, cwd: Path | None = None) -> str:
         cmd = [tool, *self._options(), *args]
         try:
-            proc = subprocess.run(
+            proc = subprocess.run(  # runs: apt-get apt-cache
                 cmd, cwd=cwd, capture_output=True, text=True, timeout=APT_TIMEOUT_S, check=False
             )
         except FileNotFoundError:

@@ -445,11 +445,11 @@ def _die_with_parent() -> None:
 
 
 def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    if not shutil.which(argv[0]):
+    if not shutil.which(argv[0]):  # runs: qemu-system-x86_64
         raise GuestError(f"{argv[0]} not found: apt-get install qemu-system-x86", "(not started)")
     with log.open("wb") as out:
         # A session of its own: the terminal's Ctrl-C reaches pytest, which then stops QEMU.
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # runs: qemu-system-x86_64
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=_die_with_parent,
         )  # fmt: skip

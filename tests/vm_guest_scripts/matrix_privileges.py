@@ -41,8 +41,8 @@ def check() -> dict[str, object]:
     def as_unit(*extra_caps: str) -> dict[str, str]:
         prefix = [a + "".join(f",+{c}" for c in extra_caps) if a.startswith("--bounding-set=") else a
                   for a in UNIT_PRIVILEGES]
-        r = subprocess.run([*prefix, sys.executable, __file__, "--child"], capture_output=True, text=True,
-                           check=True)
+        r = subprocess.run([*prefix, sys.executable, __file__, "--child"],  # runs: setpriv
+                           capture_output=True, text=True, check=True)
         return json.loads(r.stdout)
 
     return {
