@@ -1,16 +1,22 @@
 """HTTP client for the daemon's JSON API (``/api/v1/...``), for the on-call commands.
 
-Standard library only (http.client): the CLI must start fast and needs nothing else. Every failure
-becomes one ``ObserverError`` line naming the address and what to do.
+The API is on the daemon's Unix socket (``/run/hvo-observer/api.sock``: root's and its group's);
+``--daemon`` (or ``$HVO_OBSERVER_ADDR``) names another socket path, or ``HOST:PORT`` of a daemon
+whose configuration serves the API on TCP too (``tcp_api``). Standard library only (http.client):
+the CLI must start fast and needs nothing else. Every failure becomes one ``ObserverError`` line
+naming the address and what to do; a missing socket is ``DaemonUnavailable`` (callers fall back to
+the kernel's counters), a socket this user may not use is a plain "permission denied" error.
 """
 
 from __future__ import annotations
 
 import argparse
+import grp
 import http.client
 import json
 import os
 import socket
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +25,7 @@ from urllib.parse import urlencode
 from observer.config import parse_listen
 from observer.errors import ObserverError
 
-DEFAULT_ADDR = "127.0.0.1:9817"
+DEFAULT_ADDR = "/run/hvo-observer/api.sock"
 ENV_ADDR = "HVO_OBSERVER_ADDR"
 API = "/api/v1"
 
@@ -34,8 +40,9 @@ class DaemonStarting(ObserverError):
 
 def add_daemon_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--daemon", metavar="HOST:PORT", default=None,
-        help=f"the daemon's address (default: ${ENV_ADDR}, else {DEFAULT_ADDR})")
+        "--daemon", metavar="SOCKET|HOST:PORT", default=None,
+        help=f"the daemon's API socket, or HOST:PORT when its config sets tcp_api (default: ${ENV_ADDR}, "
+             f"else {DEFAULT_ADDR})")
 
 
 @dataclass(frozen=True)
@@ -43,8 +50,11 @@ class Address:
     host: str
     port: int
     source: str  # "--daemon", "$HVO_OBSERVER_ADDR" or "default": named in errors
+    path: str | None = None  # the Unix socket (host and port unused)
 
     def __str__(self) -> str:
+        if self.path is not None:
+            return self.path
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
@@ -52,6 +62,10 @@ def parse_address(value: str, source: str = "--daemon") -> Address:
     """``HOST:PORT`` or ``[V6]:PORT`` (the daemon's own ``--listen`` syntax); an error names the flag (or
     variable) and the value."""
     text = value.strip()
+    if text.startswith("unix:"):
+        text = text[len("unix:"):]
+    if text.startswith("/"):
+        return Address("localhost", 0, source, text)
     if text.startswith("http://"):  # pasted from a browser or a scrape config
         text = text[len("http://"):].rstrip("/")
     try:
@@ -82,11 +96,34 @@ class DaemonClient:
 
     # --- errors ----------------------------------------------------------------------------
     def _unreachable(self, why: str) -> DaemonUnavailable:
-        hint = ("start it with 'hvo-observer run'" if self.addr.source == "default" else
-                f"start it with 'hvo-observer run --listen {self.addr}' or fix {self.addr.source}")
+        if self.addr.source == "default":
+            hint = "start it with 'hvo-observer run'"
+        elif self.addr.path is not None:
+            hint = f"start it with 'hvo-observer run --api-socket {self.addr}' or fix {self.addr.source}"
+        else:
+            hint = f"start it with 'hvo-observer run --listen {self.addr}' or fix {self.addr.source}"
         return DaemonUnavailable(f"no daemon at {self.addr} ({why}): {hint}")
 
+    def _denied(self) -> ObserverError:
+        who = "root"
+        try:
+            st = os.stat(self.addr.path or "")
+            if st.st_gid != 0 and stat.S_IMODE(st.st_mode) & 0o060 == 0o060:
+                try:
+                    who = f"root or a member of group {grp.getgrgid(st.st_gid).gr_name!r}"
+                except KeyError:
+                    who = f"root or a member of group {st.st_gid}"
+        except OSError:
+            pass
+        return ObserverError(f"permission denied: {self.addr} (the daemon's API socket; its events show "
+                             f"every task's pids and page frames): run as {who}")
+
     def _os_error(self, e: OSError) -> ObserverError:
+        if self.addr.path is not None:
+            if isinstance(e, PermissionError):
+                return self._denied()
+            if isinstance(e, FileNotFoundError):
+                return self._unreachable("no such socket")
         if isinstance(e, socket.gaierror):
             return ObserverError(f"bad {self.addr.source} address '{self.addr}': host "
                                  f"{self.addr.host!r} not found ({e.strerror or e})")
@@ -101,7 +138,8 @@ class DaemonClient:
               ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         query = {k: v for k, v in (params or {}).items() if v is not None}
         url = f"{prefix}{path}" + (f"?{urlencode(query, doseq=True)}" if query else "")
-        conn = http.client.HTTPConnection(self.addr.host, self.addr.port, timeout=timeout)
+        conn = (_UnixConnection(self.addr.path, timeout) if self.addr.path is not None else
+                http.client.HTTPConnection(self.addr.host, self.addr.port, timeout=timeout))
         try:
             conn.request("GET", url, headers={"Accept": "application/json"})
             resp = conn.getresponse()
@@ -125,6 +163,13 @@ class DaemonClient:
             msg = None
         if msg:  # the daemon's own explanation (e.g. a bad filter value)
             return ObserverError(f"daemon at {self.addr}: {msg}")
+        if status == 404 and self.addr.path is None and b"Unix socket" in body:
+            return ObserverError(f"the daemon at {self.addr} serves its JSON API on its Unix socket only: "
+                                 "run this on its host (as root or its socket's group), or set "
+                                 "tcp_api = true in its config")
+        if status == 401:
+            return ObserverError(f"daemon at {self.addr}: HTTP 401 for {url}: its web config requires basic "
+                                 "auth; use its Unix socket on its host")
         if status == 404:
             return DaemonUnavailable(f"no hvo-observer API at {self.addr} ({url}: HTTP 404; another "
                                      "service on that port, or an older daemon?)")
@@ -197,6 +242,24 @@ class DaemonClient:
             raise DaemonStarting(f"the daemon at {self.addr} is still starting (attaching probes, taking the "
                                  "baseline): try again in a few seconds")
         return doc
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over the daemon's Unix socket."""
+
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 def client_from(args: argparse.Namespace, timeout: float = 5.0) -> DaemonClient:

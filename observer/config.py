@@ -6,7 +6,12 @@
     ring_buffer_bytes = 4194304    # BPF ring buffer, a power-of-two number of pages
     log_level = "info"             # debug | info | warning | error
     recent_events = 4096           # events kept for /api/v1/events
-    max_clients = 16               # concurrent HTTP connections
+    max_clients = 16               # concurrent HTTP requests
+    max_streams = 8                # concurrent event streams (a budget of their own)
+    web_config_file = ""           # exporter-toolkit web config: TLS, basic auth (TCP listener)
+    api_socket = "/run/hvo-observer/api.sock"  # the JSON API's Unix socket; "" for none
+    api_socket_group = ""          # group that may use the socket besides root ("": root only)
+    tcp_api = false                # also serve the JSON API on `listen` (behind the web config)
 
 Any problem is one ObserverError naming the file (or flag), the key and the value.
 """
@@ -37,6 +42,11 @@ class Config:
     log_level: str = "info"
     recent_events: int = 4096
     max_clients: int = 16
+    max_streams: int = 8
+    web_config_file: str = ""
+    api_socket: str = "/run/hvo-observer/api.sock"
+    api_socket_group: str = ""
+    tcp_api: bool = False
 
     @property
     def address(self) -> tuple[str, int]:
@@ -107,6 +117,34 @@ def _ring_bytes(v: object) -> int:
     return v
 
 
+def _path(v: object) -> str:
+    if not isinstance(v, str):
+        raise TypeError("expected a string path")
+    if v and not v.startswith("/"):
+        raise ValueError("expected an absolute path, or \"\" for none")
+    return v
+
+
+def _file_path(v: object) -> str:
+    if not isinstance(v, str):
+        raise TypeError("expected a string path")
+    return v
+
+
+def _group(v: object) -> str:
+    if not isinstance(v, str):
+        raise TypeError("expected a group name or number as a string")
+    if v and (any(c.isspace() or c in ":/" for c in v) or len(v) > 64):
+        raise ValueError("expected a group name or number")
+    return v
+
+
+def _bool(v: object) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError("expected true or false")
+    return v
+
+
 CHECKS: dict[str, Callable[[object], object]] = {
     "listen": _listen,
     "mode": _choice(MODES),
@@ -115,6 +153,11 @@ CHECKS: dict[str, Callable[[object], object]] = {
     "log_level": _choice(LOG_LEVELS),
     "recent_events": _int_in(16, 1_000_000),
     "max_clients": _int_in(1, 1024),
+    "max_streams": _int_in(1, 1024),
+    "web_config_file": _file_path,
+    "api_socket": _path,
+    "api_socket_group": _group,
+    "tcp_api": _bool,
 }
 assert set(CHECKS) == set(KEYS)
 

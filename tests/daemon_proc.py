@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -93,7 +94,9 @@ def free_port() -> int:
 
 
 class Daemon:
-    """``python -m observer run`` with the unit's capabilities, on a free loopback port.
+    """``python -m observer run`` with the unit's capabilities, on a free loopback port, its JSON API
+    on a socket of its own (``api_socket``, in a short temporary directory: a socket path has at most
+    107 bytes; the directory is 0755 so that the socket's own mode decides who may connect).
 
     ``launcher`` replaces ``-m observer`` (e.g. a test wrapper that extends the probe sets);
     ``wrapper`` goes before everything (e.g. ``unshare -m ...``).
@@ -103,8 +106,11 @@ class Daemon:
                  launcher: Sequence[str] = ("-m", "observer"), wrapper: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.log_path = tmp / f"daemon-{self.port}.log"
+        self.api_dir = Path(tempfile.mkdtemp(prefix="hvo-api-"))
+        self.api_dir.chmod(0o755)
+        self.api_socket = self.api_dir / "api.sock"
         cmd = [*wrapper, *UNIT_PRIVILEGES, sys.executable, *launcher, "run", "--mode", mode,
-               "--listen", f"127.0.0.1:{self.port}", *extra]
+               "--listen", f"127.0.0.1:{self.port}", "--api-socket", str(self.api_socket), *extra]
         self.log = self.log_path.open("w")
         self.proc = subprocess.Popen(  # runs: setpriv unshare
             cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
@@ -117,6 +123,9 @@ class Daemon:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def get(self, path: str, timeout: float = 10) -> tuple[int, str]:
+        """GET over TCP; the JSON API (``/api/...``) over the daemon's Unix socket."""
+        if path.startswith("/api/"):
+            return unix_get(self.api_socket, path, timeout)
         try:
             with urllib.request.urlopen(self.url(path), timeout=timeout) as r:
                 return r.status, r.read().decode()
@@ -155,12 +164,14 @@ class Daemon:
             return self.proc.wait(timeout=30)
         finally:
             self.log.close()
+            shutil.rmtree(self.api_dir, ignore_errors=True)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=30)
         self.log.close()
+        shutil.rmtree(self.api_dir, ignore_errors=True)
 
     def output(self) -> str:
         if not self.log.closed:
@@ -184,6 +195,26 @@ def daemon(tmp: Path, *extra: str, env: dict[str, str] | None = None, ready_time
         if d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait(timeout=30)
+        shutil.rmtree(d.api_dir, ignore_errors=True)
+
+
+def unix_get(path: Path, url: str, timeout: float = 10) -> tuple[int, str]:
+    """GET ``url`` over the Unix socket ``path``: status and body."""
+    import http.client
+
+    class Connection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(str(path))
+
+    conn = Connection("localhost", timeout=timeout)
+    try:
+        conn.request("GET", url)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
 
 
 def parse_metrics(body: str) -> Samples:

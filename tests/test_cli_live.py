@@ -51,11 +51,11 @@ def pools() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def daemon(pools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The daemon's address."""
+    """The daemon's address: its API socket."""
     d = Daemon(tmp_path_factory.mktemp("daemon"))
     try:
         d.wait_ready()
-        yield f"127.0.0.1:{d.port}"
+        yield str(d.api_socket)
         assert d.proc.poll() is None, f"the daemon died during the tests:\n{d.output()}"
     finally:
         d.stop()

@@ -39,7 +39,9 @@ def test_parse_address_rejects_naming_flag_and_value(value: str, why: str) -> No
 
 def test_address_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HVO_OBSERVER_ADDR", raising=False)
-    assert str(address_from(argparse.Namespace(daemon=None))) == "127.0.0.1:9817"
+    assert str(address_from(argparse.Namespace(daemon=None))) == "/run/hvo-observer/api.sock"
+    assert address_from(argparse.Namespace(daemon="/tmp/x.sock")).path == "/tmp/x.sock"
+    assert address_from(argparse.Namespace(daemon="unix:/tmp/x.sock")).path == "/tmp/x.sock"
     monkeypatch.setenv("HVO_OBSERVER_ADDR", "127.0.0.1:1234")
     assert str(address_from(argparse.Namespace(daemon=None))) == "127.0.0.1:1234"
     assert str(address_from(argparse.Namespace(daemon="10.0.0.1:80"))) == "10.0.0.1:80"  # the flag wins

@@ -31,7 +31,8 @@ def d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     from observer.kernel import tracefs
 
     tracefs.ensure_tracefs()
-    with daemon(tmp_path_factory.mktemp("abuse"), "--max-clients", str(MAX_CLIENTS)) as running:
+    # --tcp-api: the event stream on the TCP listener too, so that its budget is abused here
+    with daemon(tmp_path_factory.mktemp("abuse"), "--max-clients", str(MAX_CLIENTS), "--tcp-api") as running:
         for _ in range(5):  # warm up: first scrapes allocate the collector's and server's steady state
             running.scrape()
         start = process_memory_kib(running.pid)["RssAnon"]
