@@ -7,10 +7,13 @@ the counters unchanged for a settle window, the kernel holds no optimized page, 
 the whole vmemmap. The calibration is what counts:
 
 - layout unchanged since the calibration: full = the calibrated value;
-- layout changed and the calibration agreed with the prediction: full = the new prediction;
-- layout changed after a calibration that disagreed (memory the prediction cannot see, e.g. device
-  memory or a kernel accounting it differently): unknown (None) until the pools are empty again,
-  rather than a figure known to be wrong. The disagreement is logged once per layout.
+- RAM hot-added or removed since, device memory unchanged: full = the new prediction plus what the
+  calibration found beyond the prediction (the memmap of device memory, ZONE_DEVICE, which the
+  kernel counts from 6.11 in ways that depend on the driver, its mode and the kernel version);
+- device memory changed since (or present before any calibration), or a calibration without device
+  memory disagreed with the prediction (a kernel accounting its memmap differently from this
+  module's model; logged once per layout): unknown (None) until the pools are empty again, rather
+  than a figure that may be wrong.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ class Calibration:
     def agrees(self) -> bool:
         return self.predicted_pages == self.full_pages
 
+    @property
+    def device_key(self) -> object:
+        return self.layout_key[-1]  # MemoryLayout.change_key() ends with the device memory ranges
+
 
 class FullVmemmap:
     """Keeps the calibration; ``full_pages()`` answers for each snapshot."""
@@ -54,9 +61,8 @@ class FullVmemmap:
         self._logged: set[tuple[object, ...]] = set()
 
     def predicted(self, layout: MemoryLayout) -> int | None:
-        """The layout's prediction; None when it cannot tell (no layout, or device memory, whose
-        memmap the kernel counts from 6.11 in ways that depend on the driver and the version)."""
-        if (not layout.blocks and not layout.ram_ranges) or layout.device_ranges:
+        """The memmap of the layout's RAM (device memory not included); None without a layout."""
+        if not layout.blocks and not layout.ram_ranges:
             return None
         return baseline_memmap_pages(layout, self.struct_page_size, self.page_size)
 
@@ -75,9 +81,15 @@ class FullVmemmap:
         cal = self.calibration
         if cal is not None and cal.layout_key == key:
             return cal.full_pages
-        if cal is not None and not cal.agrees:
+        if predicted is None:
             return None
-        return predicted
+        if cal is None:
+            return None if layout.device_ranges else predicted
+        if cal.device_key != layout.device_ranges or cal.predicted_pages is None:
+            return None
+        if not cal.device_key and not cal.agrees:
+            return None  # the RAM model is wrong for this kernel: no figure rather than a wrong one
+        return predicted + cal.full_pages - cal.predicted_pages
 
     def _calibrate(self, live: int, predicted: int | None, key: tuple[object, ...], now_ns: int) -> None:
         cal = self.calibration
@@ -86,9 +98,10 @@ class FullVmemmap:
         self.calibration = Calibration(live, predicted, key, now_ns)
         if predicted != live and key not in self._logged:
             self._logged.add(key)
-            log.warning("vmemmap with nothing optimized: the kernel counts %d pages, the memory layout "
-                        "predicts %s; trusting the kernel (byte truth unavailable after the next layout "
-                        "change until the pools are empty again)", live, predicted)
+            why = ("the difference is taken as the memmap of device memory" if key[-1] else
+                   "no byte truth after the next layout change until the pools are empty again")
+            log.warning("vmemmap with nothing optimized: the kernel counts %d pages, the memory layout's "
+                        "RAM %s; trusting the kernel (%s)", live, predicted, why)
 
 
 def hotplug_neutral_counters(read_counters: Callable[[], MemmapCounters | None], root: Path,

@@ -157,6 +157,17 @@ def test_device_memory_leaves_the_prediction_unknown_until_calibrated(tmp_path: 
     assert truth.full_pages(layout, 1, False, 0) is None
     truth.full_pages(layout, 400_000, True, 0)
     assert truth.full_pages(layout, 400_000, True, 1) == 400_000
+    # RAM hot-added later: its memmap on top of what the calibration found (device memory included)
+    (tmp_path / "sys/devices/system/memory/memory40").mkdir()
+    with (tmp_path / "proc/iomem").open("a") as f:
+        f.write(f"{80 * GIB:x}-{81 * GIB - 1:x} : System RAM\n")
+    added = memory_blocks.read_memory_layout(tmp_path, "x86_64")
+    assert truth.full_pages(added, 1, False, 2) == 400_000 + 8 * 512
+    # the device memory changes (a namespace reconfigured): unknown until the pools are empty again
+    with (tmp_path / "proc/iomem").open("a") as f:
+        f.write("1280000000-137fffffff : Persistent Memory\n  1280000000-137fffffff : namespace0.0\n")
+    changed = memory_blocks.read_memory_layout(tmp_path, "x86_64")
+    assert truth.full_pages(changed, 1, False, 3) is None
 
 
 def test_counter_deltas_without_the_hot_added_memmap(tmp_path: Path) -> None:
