@@ -137,6 +137,8 @@ class Guest:
     console log and QEMU log go (default: a temporary directory removed by close()). root_cache: 9p
     cache mode of the read-only host root; "loose" halves Python/bcc start-up times but may show
     host files changed while the guest runs late: pass data through the share, or use "none".
+    root: the tree shared as the guest's root (default the host's /; another tree, such as a pristine
+    Debian root, gets neither the host's kernel modules nor the checkout).
     """
 
     def __init__(
@@ -156,6 +158,7 @@ class Guest:
         boot_timeout: float | None = None,
         retries: int = 2,
         root_cache: str = "loose",
+        root: Path = Path("/"),
     ) -> None:
         self.kernel = kernel if isinstance(kernel, GuestKernel) else prepare_kernel(kernel)
         self.mem_mb, self.cpus, self.cmdline = mem_mb, cpus, cmdline
@@ -168,6 +171,7 @@ class Guest:
         self.boot_timeout = boot_timeout or (SYSTEMD_BOOT_TIMEOUT_S if systemd else BOOT_TIMEOUT_S)
         self.retries = retries
         self.root_cache = root_cache
+        self.root = Path(root)
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="hvo-guest-"))
         self.share = self.workdir / "share"
@@ -348,7 +352,7 @@ class Guest:
             "-chardev", f"file,id=con,path={_qemu_opt(self.console_path)}", "-serial", "chardev:con",
             "-monitor", "none",
             "-chardev", f"pipe,id=ctl,path={_qemu_opt(self._ctl)}", "-serial", "chardev:ctl",
-            "-virtfs", f"local,path=/,mount_tag=host,{VIRTFS},readonly=on",
+            "-virtfs", f"local,path={_qemu_opt(self.root)},mount_tag=host,{VIRTFS},readonly=on",
             "-virtfs", f"local,path={_qemu_opt(self.share)},mount_tag=hvo,{VIRTFS}",
         ]  # fmt: skip
 
@@ -361,7 +365,7 @@ class Guest:
             f"HVO_MODE={self.mode}\nHVO_ROOT_CACHE={shlex.quote(self.root_cache)}\n"
             # The checkout (code and .venv) must stay visible even when it lives under a directory the
             # guest replaces with an empty tmpfs (a CI clone in /tmp, say).
-            f"HVO_KEEP={shlex.quote(str(REPO))}\n"
+            f"HVO_KEEP={shlex.quote(str(REPO) if self.root == Path('/') else '')}\n"
         )
         base = {
             "PATH": GUEST_PATH,
@@ -381,7 +385,8 @@ class Guest:
     def _write_upper(self) -> None:
         upper = self.share / "upper"
         # modprobe in the guest finds the kernel's modules in the cache (seen through the 9p root).
-        _symlink(upper / "usr/lib/modules" / self.kernel.release, self.kernel.modules)
+        if self.root == Path("/"):
+            _symlink(upper / "usr/lib/modules" / self.kernel.release, self.kernel.modules)
         units = list(self.enable)
         if self.systemd:
             _write(upper / "etc/systemd/system/hvo-loop.service", LOOP_UNIT)
