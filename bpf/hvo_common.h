@@ -2,10 +2,15 @@
 /*
  * Shared maps and helpers of every hvo-observer BPF program (bcc).
  *
- * In-kernel aggregation, ebpf_exporter style: hvo_emit() first adds the record to the per-CPU
- * `counts` (and, when it carries a duration, `hist`) arrays, then copies it to the output buffer.
- * A record the buffer cannot take is counted in `lost`, so the aggregates stay exact and loss is
- * never silent. User space only decodes.
+ * In-kernel aggregation, ebpf_exporter style: hvo_emit() first adds the record to the `counts` (and,
+ * when it carries a duration, `hist`) arrays, then copies it to the output buffer. A record the
+ * buffer cannot take is counted in `lost`, so the aggregates stay exact and loss is never silent.
+ * User space only decodes.
+ *
+ * The aggregates are plain arrays with atomic adds, not per-CPU arrays: a per-CPU map costs its size
+ * once per *possible* CPU (384 on big hosts) in kernel memory and in every read, while an atomic add
+ * costs little next to what it counts (a vmemmap remap with its TLB flush, a huge page allocation)
+ * and next to the ring buffer's own lock, taken for every record anyway.
  *
  * The session pastes this file at the top of the program text (bcc rewrites map calls such as
  * counts.lookup() only there, never in #include'd files): do not #include it.
@@ -13,6 +18,8 @@
  * Compile-time knobs (-D, set by observer/probes/session.py):
  *   HVO_PERFBUF            use a perf buffer (kernels without BPF_MAP_TYPE_RINGBUF, < 5.8)
  *   HVO_RINGBUF_PAGES      ring buffer size in pages (power of two), default 1024 (4 MiB)
+ *   HVO_NR_HSTATES         the kernel's hstates, HVO_HSTATE_ORDER_<i> (i < HVO_NR_HSTATES) their
+ *                          orders: the hstate index of the aggregates (hvo_event.h)
  *   HVO_BLOCK_PFN_SHIFT    log2(memory block size / PAGE_SIZE); enables hvo_pfn_node()
  *   HVO_NODE_BLOCKS        entries of `hvo_block_node` (highest memory block index + 1)
  *   HVO_SPAGE              sizeof(struct page); enables hvo_page_pfn() (observer/probes/page_pfn.py)
@@ -37,9 +44,9 @@ BPF_PERF_OUTPUT(events);
 BPF_RINGBUF_OUTPUT(events, HVO_RINGBUF_PAGES);
 #endif
 
-BPF_PERCPU_ARRAY(counts, u64, HVO_COUNT_SLOTS);
-BPF_PERCPU_ARRAY(hist, u64, HVO_HIST_SLOTS);
-BPF_PERCPU_ARRAY(lost, u64, 1);
+BPF_ARRAY(counts, u64, HVO_COUNT_SLOTS);
+BPF_ARRAY(hist, u64, HVO_HIST_SLOTS);
+BPF_ARRAY(lost, u64, 1);
 
 #if defined(HVO_BLOCK_PFN_SHIFT) && defined(HVO_NODE_BLOCKS)
 /* memory block index -> node + 1 (0: unknown), filled from /sys/devices/system/memory by user space */
@@ -73,6 +80,38 @@ static __always_inline u64 hvo_page_pfn(u64 page)
 	return page >= base ? (page - base) / HVO_SPAGE : 0;
 }
 #endif
+
+/* The aggregates' hstate index of a huge page order; HVO_NR_HSTATES for an order of no hstate. */
+static __always_inline u32 hvo_hstate_idx(u32 order)
+{
+#define HVO_HSTATE_IS(i) if (HVO_NR_HSTATES > (i) && order == HVO_HSTATE_ORDER_##i) return (i);
+#if HVO_NR_HSTATES > 0
+	HVO_HSTATE_IS(0)
+#endif
+#if HVO_NR_HSTATES > 1
+	HVO_HSTATE_IS(1)
+#endif
+#if HVO_NR_HSTATES > 2
+	HVO_HSTATE_IS(2)
+#endif
+#if HVO_NR_HSTATES > 3
+	HVO_HSTATE_IS(3)
+#endif
+#if HVO_NR_HSTATES > 4
+	HVO_HSTATE_IS(4)
+#endif
+#if HVO_NR_HSTATES > 5
+	HVO_HSTATE_IS(5)
+#endif
+#if HVO_NR_HSTATES > 6
+	HVO_HSTATE_IS(6)
+#endif
+#if HVO_NR_HSTATES > 7
+	HVO_HSTATE_IS(7)
+#endif
+#undef HVO_HSTATE_IS
+	return HVO_NR_HSTATES;
+}
 
 /* floor(log2(v)) for v > 0, branch-free so the verifier sees no loop: bucket i holds [2^i, 2^(i+1)) ns. */
 static __always_inline u32 hvo_log2(u64 v)
@@ -109,22 +148,15 @@ static __always_inline void hvo_inc(void *map_lookup_result)
 	u64 *v = map_lookup_result;
 
 	if (v)
-		(*v)++;	/* per-CPU slot: no other writer on this CPU while we run */
+		__sync_fetch_and_add(v, 1);	/* other CPUs add to the same slot */
 }
 
-/* Aggregate, then output. Returns 0, or -1 when the record was lost (it is still counted). */
-static __always_inline int hvo_emit(void *ctx, struct hvo_event *e)
+/* Output only (the record is not in `counts`/`hist`). Returns 0, or -1 when the record was lost. */
+static __always_inline int hvo_output(void *ctx, struct hvo_event *e)
 {
-	u32 order = e->order & (HVO_MAX_ORDER - 1);
-	u32 idx = HVO_COUNT_IDX(e->event, order, e->result);
 	u32 zero = 0;
 	int ret;
 
-	hvo_inc(counts.lookup(&idx));
-	if (e->duration_ns) {
-		idx = HVO_HIST_IDX(e->event, order, hvo_log2(e->duration_ns));
-		hvo_inc(hist.lookup(&idx));
-	}
 #ifdef HVO_PERFBUF
 	ret = events.perf_submit(ctx, e, sizeof(*e));
 #else
@@ -135,6 +167,24 @@ static __always_inline int hvo_emit(void *ctx, struct hvo_event *e)
 		return -1;
 	}
 	return 0;
+}
+
+/* Aggregate, then output. Returns 0, or -1 when the record was lost (it is still counted). */
+static __always_inline int hvo_emit(void *ctx, struct hvo_event *e)
+{
+	u32 hs = hvo_hstate_idx(e->order);
+	u32 idx = HVO_COUNT_IDX(hs, e->event, e->result);	/* out of range: lookup gives NULL */
+	u32 bucket;
+
+	hvo_inc(counts.lookup(&idx));
+	if (e->duration_ns && e->event >= HVO_OPTIMIZE && e->event < HVO_NR_EVENTS) {
+		bucket = hvo_log2(e->duration_ns);
+		if (bucket >= HVO_HIST_BUCKETS)
+			bucket = HVO_HIST_BUCKETS - 1;
+		idx = HVO_HIST_IDX(hs, HVO_TIMED_OP(e->event), bucket);
+		hvo_inc(hist.lookup(&idx));
+	}
+	return hvo_output(ctx, e);
 }
 
 #endif

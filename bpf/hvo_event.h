@@ -2,7 +2,7 @@
 /*
  * The record every hvo-observer BPF program emits, and the in-kernel aggregates.
  *
- * User space only decodes: counters and latency histograms live in per-CPU maps so the metrics
+ * User space only decodes: counters and latency histograms live in in-kernel arrays so the metrics
  * stay exact even when the ring buffer overflows (lost records are counted in `lost`).
  * Keep in sync with observer/probes/events.py (a test compiles and compares the layout).
  */
@@ -28,9 +28,11 @@ enum hvo_result {
 };
 
 #define HVO_FLAG_INFERRED 1	/* derived from counters, not seen in the function itself */
+#define HVO_FLAG_UNCOUNTED 2	/* not in `counts`: a candidate user space counts once it accepts it */
 #define HVO_NO_NODE 0xffffffffU	/* user space fills the node from the pfn */
-#define HVO_MAX_ORDER 64
-#define HVO_HIST_BUCKETS 64	/* log2(ns) buckets */
+#define HVO_HIST_BUCKETS 40	/* log2(ns) buckets; the last one also holds everything above 2^40 ns */
+#define HVO_MAX_HSTATES 8	/* hstates the aggregates can tell apart (x86-64 has 2) */
+#define HVO_NR_TIMED 5		/* operations with a duration: optimize, restore, demote, remap_free/alloc */
 
 struct hvo_event {
 	__u64 ts_ns;		/* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -48,10 +50,19 @@ struct hvo_event {
 	char comm[16];
 };
 
-/* Index helpers for the per-CPU aggregate arrays. */
-#define HVO_COUNT_IDX(ev, order, res) (((ev) * HVO_MAX_ORDER + (order)) * HVO_NR_RESULTS + (res))
-#define HVO_COUNT_SLOTS (HVO_NR_EVENTS * HVO_MAX_ORDER * HVO_NR_RESULTS)
-#define HVO_HIST_IDX(ev, order, bucket) (((ev) * HVO_MAX_ORDER + (order)) * HVO_HIST_BUCKETS + (bucket))
-#define HVO_HIST_SLOTS (HVO_NR_EVENTS * HVO_MAX_ORDER * HVO_HIST_BUCKETS)
+/*
+ * Index helpers for the aggregate arrays, sized by what exists: the kernel's hstates (HVO_NR_HSTATES,
+ * -D from user space, plus one slot for a page of any other order), the event types and results, and
+ * for the latency histogram only the timed operations (2 hstates: 72 and 600 slots).
+ */
+#ifndef HVO_NR_HSTATES
+#define HVO_NR_HSTATES 0
+#endif
+#define HVO_HSTATE_SLOTS (HVO_NR_HSTATES + 1)
+#define HVO_COUNT_IDX(hs, ev, res) (((hs) * HVO_NR_EVENTS + (ev)) * HVO_NR_RESULTS + (res))
+#define HVO_COUNT_SLOTS (HVO_HSTATE_SLOTS * HVO_NR_EVENTS * HVO_NR_RESULTS)
+#define HVO_TIMED_OP(ev) ((ev) - HVO_OPTIMIZE)	/* event type -> timed operation (ev >= HVO_OPTIMIZE) */
+#define HVO_HIST_IDX(hs, op, bucket) (((hs) * HVO_NR_TIMED + (op)) * HVO_HIST_BUCKETS + (bucket))
+#define HVO_HIST_SLOTS (HVO_HSTATE_SLOTS * HVO_NR_TIMED * HVO_HIST_BUCKETS)
 
 #endif

@@ -21,8 +21,9 @@
  *    __GFP_THISNODE; every THP/shmem-THP mask (GFP_TRANSHUGE*) carries __GFP_NOMEMALLOC, page-cache
  *    large folios carry neither __GFP_RETRY_MAYFAIL nor __GFP_THISNODE.
  *  - pool_alloc (gigantic hstates, from alloc_contig_range: no mm_page_alloc): a successful
- *    page_isolation:test_pages_isolated over exactly one naturally aligned gigantic page. A candidate:
- *    user space confirms it in /proc/kpageflags and retracts it otherwise.
+ *    page_isolation:test_pages_isolated over exactly one naturally aligned gigantic page. A candidate
+ *    (HVO_FLAG_UNCOUNTED, not in `counts`): user space confirms it in /proc/kpageflags and counts it,
+ *    or retracts it.
  *  - pool_free: mm_page_free at a hugetlb order of a pfn in hvo_tp_known (pfns of hugetlb pages:
  *    added here on allocation, seeded from /proc/kpageflags by user space at start).
  *
@@ -122,7 +123,10 @@ int hvo_tp_pages_isolated(struct bpf_raw_tracepoint_args *ctx)
 	if (slot)
 		*slot = order;
 	hvo_event_init(&e, HVO_POOL_ALLOC, order, start);
-	hvo_emit(ctx, &e);
+	/* A candidate: user space counts it once confirmed, so a retracted one never counts (counters
+	 * must not go down). Its record can still be lost: then it is found by a resync. */
+	e.flags = HVO_FLAG_UNCOUNTED;
+	hvo_output(ctx, &e);
 	return 0;
 }
 

@@ -2,9 +2,12 @@
 
 Figures (``--only`` takes these names):
   startup          spawn of ``hvo-observer run`` to READY=1 (compile + attach + baseline), median
-  memory           the running daemon's private (anonymous) memory and total RSS
+  memory           the running daemon's private (anonymous) memory and total RSS; the kernel memory of
+                   its BPF maps at 384 possible CPUs (from each loaded map's fdinfo)
   idle_cpu         the daemon's CPU time while nothing happens, in % of one core
-  scrape           GET /metrics latency p50/p99, real HTTP server, simulated model of 2 hstates x 64 nodes
+  scrape           GET /metrics latency p50/p99, real HTTP server, simulated model of 2 hstates x 64 nodes;
+                   p99 again with the aggregates read and observed before each GET (shared BPF arrays:
+                   the same at 384 possible CPUs as here)
   decode           events/s through the probe session's ring-buffer callback (replayed records); the
                    daemon's whole per-event path (model, JSON record, event log) is shown alongside
   overhead_pool    growing and shrinking the 2 MiB pool by 1,000 pages, daemon attached vs. detached:
@@ -47,9 +50,9 @@ POOL_BENCHES = {"overhead_pool"}  # they resize a huge page pool: --force only
 # benchmark -> the figures it reports (JSON "name"s)
 FIGURES: dict[str, tuple[str, ...]] = {
     "startup": ("startup_s",),
-    "memory": ("private_memory_mib", "rss_mib"),
+    "memory": ("private_memory_mib", "rss_mib", "bpf_map_mib_384cpu"),
     "idle_cpu": ("idle_cpu_pct",),
-    "scrape": ("scrape_p50_ms", "scrape_p99_ms"),
+    "scrape": ("scrape_p50_ms", "scrape_p99_ms", "scrape_384cpu_p99_ms"),
     "decode": ("decode_events_per_s", "pipeline_events_per_s"),
     "overhead_pool": ("overhead_pool_ratio", "overhead_pool_wall_ratio"),
     "overhead_faults": ("overhead_faults_ratio", "overhead_faults_wall_ratio"),
@@ -255,7 +258,22 @@ def _scrape(plan: Plan) -> list[Figure]:
                None, detail=detail),
         Figure("scrape_p99_ms", "GET /metrics p99 (2 hstates x 64 nodes)", _pct(times, 0.99) * 1e3, "ms",
                ("<=", 10.0), detail=detail),
+        _scrape_percpu(plan),
     ]
+
+
+def _scrape_percpu(plan: Plan) -> Figure:
+    from observer.bench_workloads import scrape_latencies
+    from observer.bpf_footprint import BIG_HOST_CPUS, AggregateReads
+
+    reads = AggregateReads()
+    _progress(f"scrape: {plan.scrapes} GETs of /metrics, each after an aggregate read and a model change")
+    times, _, _ = scrape_latencies(plan.scrapes, before_each=reads)
+    return Figure("scrape_384cpu_p99_ms", f"aggregate read + GET /metrics p99, {BIG_HOST_CPUS} CPUs",
+                  _pct(times, 0.99) * 1e3, "ms", ("<=", 10.0),
+                  detail={"requests": len(times), "cpus": BIG_HOST_CPUS,
+                          "count_slots": reads.layout.count_slots, "hist_slots": reads.layout.hist_slots,
+                          "p50_ms": round(_pct(times, 0.5) * 1e3, 3)})
 
 
 def _decode(plan: Plan) -> list[Figure]:
@@ -401,6 +419,18 @@ def _overhead(plan: Plan, wanted: set[str], start: Callable[[], Any], lock_note:
     return figures
 
 
+def _bpf_maps(pid: int) -> Figure:
+    from observer.bpf_footprint import BIG_HOST_CPUS, map_memory, process_maps
+
+    maps = process_maps(pid)
+    detail = {"maps": [{"id": m.map_id, "type": m.map_type, "per_cpu": m.per_cpu, "entries": m.max_entries,
+                        "value_size": m.value_size, "mib": round(m.bytes_at(BIG_HOST_CPUS) / 2**20, 3)}
+                       for m in maps],
+              "here_mib": round(map_memory(maps, os.cpu_count() or 1) / 2**20, 3)}
+    return Figure("bpf_map_mib_384cpu", f"BPF map memory at {BIG_HOST_CPUS} possible CPUs",
+                  map_memory(maps, BIG_HOST_CPUS) / 2**20, "MiB", ("<=", 8.0), detail=detail)
+
+
 def _steady(plan: Plan, wanted: set[str], start: Callable[[], Any]) -> list[Figure]:
     d = start()
     figures = []
@@ -417,6 +447,7 @@ def _steady(plan: Plan, wanted: set[str], start: Callable[[], Any]) -> list[Figu
                        "MiB", ("<=", 50.0), detail=detail),
                 Figure("rss_mib", "total RSS (incl. shared libraries' file pages)", mem["VmRSS"] / 1024,
                        "MiB", None, detail=detail),
+                _bpf_maps(d.pid),
             ]
         if "idle_cpu" in wanted:
             _progress(f"idle_cpu: {plan.idle_s:.0f} s without pool activity")

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -301,12 +301,15 @@ class _Backend:
         return self._json(self.model.view())
 
 
-def scrape_latencies(requests: int, hstates: int = 2, nodes: int = 64) -> tuple[list[float], int, int]:
+def scrape_latencies(requests: int, hstates: int = 2, nodes: int = 64,
+                     before_each: Callable[[Any], None] | None = None) -> tuple[list[float], int, int]:
     """Seconds per GET /metrics (connect to last byte, one connection each as Prometheus does with
-    HTTP/1.0 servers) against the real HTTP server over a simulated model; also body bytes and series."""
+    HTTP/1.0 servers) against the real HTTP server over a simulated model; also body bytes and series.
+    ``before_each(model)``, when given, runs inside each timed interval, right before the GET."""
     from observer.http_api import ApiServer
 
-    backend = _Backend(simulated_model(hstates, nodes))
+    model = simulated_model(hstates, nodes)
+    backend = _Backend(model)
     server = ApiServer(("127.0.0.1", 0), backend, max_clients=16)
     server.start()
     port = server.server_address[1]
@@ -315,6 +318,8 @@ def scrape_latencies(requests: int, hstates: int = 2, nodes: int = 64) -> tuple[
     try:
         for _ in range(requests):
             t0 = time.perf_counter()
+            if before_each is not None:
+                before_each(model)
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             conn.request("GET", "/metrics")
             r = conn.getresponse()
@@ -336,7 +341,7 @@ def replay_records(n: int) -> Any:
     kinds = (EventType.POOL_ALLOC, EventType.OPTIMIZE, EventType.POOL_FREE, EventType.RESTORE)
     distinct = [encode(Event(ts_ns=1_000_000 + i, pfn=0x100000 + 512 * i, cgroup_id=1, duration_ns=1500 + i,
                              tgid=4242, tid=4242, err=0, node=0, event=kinds[i % 4], result=Result.OK,
-                             order=9 if i % 5 else 18, inferred=False, comm="hugeadm"))
+                             order=9 if i % 5 else 18, inferred=False, comm="hugeadm", kernel_counted=True))
                 for i in range(1024)]
     data = b"".join(distinct) * (n // len(distinct)) + b"".join(distinct[: n % len(distinct)])
     buf = ctypes.create_string_buffer(data, len(data))

@@ -211,6 +211,8 @@ class Model:
 
     def hstate_of_order(self, order: int) -> str:
         """The sysfs name of the hstate with this order (computed for orders no pool has)."""
+        if order < 0:  # probes.aggregates.OTHER_ORDER
+            return "other"
         return self._by_order.get(order) or f"{(self.page_size << order) // 1024}kB"
 
     # --- baseline and resync ---------------------------------------------------------------

@@ -87,7 +87,8 @@ def view_to_json(v: ModelView) -> dict[str, Any]:
                           "note": base.note} if base else None),
         },
         "events": [{"event": ev.label, "result": res.label, "count": n,
-                    "hstate": order_name.get(order) or f"{(v.page_size << order) // 1024}kB"}
+                    "hstate": order_name.get(order)
+                    or ("other" if order < 0 else f"{(v.page_size << order) // 1024}kB")}
                    for (ev, order, res), n in sorted(v.counts.items()) if n],
         "probes": [{"probe": p.probe, "event": p.event, "mode": p.mode, "attached": p.attached,
                     "reason": p.reason} for p in rt.probes],

@@ -76,7 +76,7 @@ def _gauge(name: str, labels: list[str] | None = None) -> GaugeMetricFamily:
 
 
 def histogram_buckets(counts: list[int]) -> tuple[list[tuple[str, float]], float]:
-    """Cumulative Prometheus buckets and an estimated sum (seconds) from 64 log2(ns) buckets, where
+    """Cumulative Prometheus buckets and an estimated sum (seconds) from log2(ns) buckets, where
     bucket i holds durations in [2**i, 2**(i+1)) ns."""
     buckets: list[tuple[str, float]] = []
     cumulative = 0
@@ -118,6 +118,8 @@ def families(v: ModelView) -> Iterator[Metric]:
     order_name = {s.order: s.name for s in v.hstates}
 
     def hstate(order: int) -> str:
+        if order < 0:  # aggregates.OTHER_ORDER: pages of an order no hstate has
+            return "other"
         return order_name.get(order) or f"{(v.page_size << order) // 1024}kB"
 
     g = _gauge("hvo_build_info", ["version", "kernel", "mode"])

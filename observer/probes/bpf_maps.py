@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import operator
 from typing import Any
 
 
@@ -25,17 +24,12 @@ def _lookup_batch(table: Any, slot_bytes: int) -> memoryview | None:
     return None
 
 
-def percpu_sums(table: Any) -> list[int]:
-    """A per-CPU array of u64, summed over CPUs."""
-    ncpu = table.total_cpu
-    raw = _lookup_batch(table, 8 * ncpu)
+def u64_values(table: Any) -> list[int]:
+    """A plain array of u64 (the aggregates: shared by all CPUs, so one value per slot)."""
+    raw = _lookup_batch(table, 8)
     if raw is None:
-        return [sum(v.value for v in table[table.Key(i)]) for i in range(table.max_entries)]
-    flat = raw.cast("Q")
-    total = flat[0::ncpu].tolist()
-    for c in range(1, ncpu):  # element-wise adds in C: a Python sum() per slot costs 10x more
-        total = list(map(operator.add, total, flat[c::ncpu].tolist()))
-    return total
+        return [table[table.Key(i)].value for i in range(table.max_entries)]
+    return raw.cast("Q").tolist()
 
 
 def u8_values(table: Any) -> bytes:

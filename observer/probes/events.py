@@ -1,4 +1,4 @@
-"""Decoding of ``struct hvo_event`` (bpf/hvo_event.h) and of the in-kernel aggregate slots."""
+"""Decoding of ``struct hvo_event`` (bpf/hvo_event.h); the aggregates' slots are in aggregates.py."""
 
 from __future__ import annotations
 
@@ -33,11 +33,14 @@ class Result(enum.IntEnum):
 
 
 FLAG_INFERRED = 1
+FLAG_UNCOUNTED = 2  # a candidate record the BPF program did not add to the in-kernel counts
 NO_NODE = 0xFFFFFFFF
-MAX_ORDER = 64
 NR_RESULTS = 3
 NR_EVENTS = 8
-HIST_BUCKETS = 64
+HIST_BUCKETS = 40  # log2(ns); the last bucket also holds longer durations
+# Operations with a duration, in the order of the latency histogram's slots (HVO_TIMED_OP)
+TIMED_EVENTS = (EventType.OPTIMIZE, EventType.RESTORE, EventType.DEMOTE, EventType.REMAP_FREE,
+                EventType.REMAP_ALLOC)
 
 # struct hvo_event: 4 x u64, u32 tgid, u32 tid, s32 err, u32 node, 4 x u8, char comm[16]
 _LAYOUT = struct.Struct("<QQQQIIiIBBBB16s")
@@ -61,6 +64,9 @@ class Event:
     order: int
     inferred: bool
     comm: str
+    # In the kernel's per-CPU counts already (records of the BPF programs); False for events user
+    # space makes or accepts (inferred events, confirmed candidates): the session counts those.
+    kernel_counted: bool = False
 
     def to_json(self, hstate: str | None = None) -> dict[str, object]:
         """The event record of the JSON API and ``events --json``; ``hstate`` is the sysfs name of the
@@ -95,7 +101,7 @@ def decode(data: bytes | memoryview) -> Event:
     (ts, pfn, cg, dur, tgid, tid, err, node, ev, res, order, flags, comm) = _unpack(data)
     return Event(ts, pfn, cg, dur, tgid, tid, err, None if node == NO_NODE else node, _EVENT_TYPES[ev],
                  _RESULTS[res], order, bool(flags & FLAG_INFERRED),
-                 comm.split(b"\0", 1)[0].decode("utf-8", "replace"))
+                 comm.split(b"\0", 1)[0].decode("utf-8", "replace"), not flags & FLAG_UNCOUNTED)
 
 
 def encode(e: Event) -> bytes:
@@ -103,13 +109,6 @@ def encode(e: Event) -> bytes:
     return _LAYOUT.pack(
         e.ts_ns, e.pfn, e.cgroup_id, e.duration_ns, e.tgid, e.tid, e.err,
         NO_NODE if e.node is None else e.node, int(e.event), int(e.result), e.order,
-        FLAG_INFERRED if e.inferred else 0, e.comm.encode()[:15],
+        (FLAG_INFERRED if e.inferred else 0) | (0 if e.kernel_counted else FLAG_UNCOUNTED),
+        e.comm.encode()[:15],
     )
-
-
-def count_index(event: EventType, order: int, result: Result) -> int:
-    return (int(event) * MAX_ORDER + order) * NR_RESULTS + int(result)
-
-
-def hist_index(event: EventType, order: int, bucket: int) -> int:
-    return (int(event) * MAX_ORDER + order) * HIST_BUCKETS + bucket

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from observer.bpf_sources import BPF_DIR, read_bpf_source
 from observer.errors import ObserverError
 from observer.probes.aggregates import AggregateLayout, Aggregates, CountKey, HistKey
-from observer.probes.bpf_maps import percpu_sums
+from observer.probes.bpf_maps import u64_values
 from observer.probes.events import EVENT_SIZE, HIST_BUCKETS, Event, EventType, decode
 from observer.probes.probeset import MODES, PROBESET_FACTORIES, Attachment, BaseProbeSet, ProbeSet
 
@@ -326,7 +326,7 @@ class ProbeSession:
         if self._bpf is None:
             raise ObserverError("probe session is not started")
         counts: dict[CountKey, int] = dict(self._user_counts)
-        raw_counts = percpu_sums(self._bpf[b"counts"])
+        raw_counts = u64_values(self._bpf[b"counts"])
         for key, n in self.aggregate_layout.decode_counts(raw_counts).items():
             counts[key] = counts.get(key, 0) + n
         hist = {k: list(v) for k, v in self._user_hist.items()}
@@ -336,12 +336,12 @@ class ProbeSession:
                 acc[i] += n
         # A failed perf_submit is also reported by the kernel as PERF_RECORD_LOST (self._perf_lost):
         # the BPF-side count alone is exact for both outputs.
-        lost = percpu_sums(self._bpf[b"lost"])[0]
+        lost = u64_values(self._bpf[b"lost"])[0]
         return Aggregates(counts=counts, hist=hist, lost=lost)
 
     def _read_kernel_hist(self, raw_counts: list[int]) -> dict[HistKey, list[int]]:
-        """The `hist` map (the bulk of a read: 600 per-CPU slots with two hstates), read only when it
-        may have changed. hvo_emit() adds to `counts` before `hist`, and every hist entry has its count: while
+        """The `hist` map (the bulk of a read: 600 slots with two hstates), read only when it may
+        have changed. hvo_emit() adds to `counts` before `hist`, and every hist entry has its count: while
         the counts stay as they were, so does hist. A read right after the counts moved may come
         between an event's two increments, so hist is read once more at the next call, and from then
         on reused until the counts move again."""
@@ -349,7 +349,7 @@ class ProbeSession:
         self._kernel_counts = raw_counts
         if unchanged and self._kernel_hist is not None:
             return self._kernel_hist
-        hist = self.aggregate_layout.decode_hist(percpu_sums(self._bpf[b"hist"]))
+        hist = self.aggregate_layout.decode_hist(u64_values(self._bpf[b"hist"]))
         self._kernel_hist = hist if unchanged else None
         return hist
 
