@@ -53,8 +53,12 @@ METRICS: dict[str, str] = {
                                   "(and could not be resynced), else 0.",
     "hvo_baseline_exact": "1 when the start-up/resync baseline is the only split consistent with the "
                           "kernel's counters, 0 when a rule had to choose (see hvo-observer explain).",
-    "hvo_events_total": "HVO events seen (in-kernel counts, exact even when records are lost; inferred "
-                        "events included in tracepoint mode).",
+    "hvo_events_total": "HVO events. Events a probe saw are counted in the kernel: exact, even when their "
+                        "records are lost. Inferred events are estimates, counted when user space settles "
+                        "them and never taken back: tracepoint mode's optimize/restore (from the vmemmap "
+                        "counters) and restore errors (from free surplus pages), pool events found by a "
+                        "resync, and tracepoint mode's gigantic allocations (confirmed in "
+                        "/proc/kpageflags).",
     "hvo_events_lost_total": "Event records the ring/perf buffer could not take (a loss triggers a resync "
                              "at the next quiet moment).",
     "hvo_resyncs_total": "Times the optimized counts were recomputed from the kernel's counters.",
