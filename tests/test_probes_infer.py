@@ -219,9 +219,31 @@ def test_restore_failure_shows_as_a_free_surplus_page() -> None:
     k.pools[9] = PoolState(nr=3, free=3, surplus=1, resv=0)
     inf.note(ev(EventType.POOL_FREE, 512))
     out = run_until_settled(k, inf)
+    for _ in range(10):  # the failure is reported once a second reading confirms the pool state
+        k.now += 100 * MS
+        out += inf.poll()
     errors = [e for e in out if e.result is Result.ERROR]
     assert len(errors) == 1 and errors[0].event is EventType.RESTORE and errors[0].err == errno.ENOMEM
     assert errors[0].tgid == 42  # attributed to the task of the shrink
+
+
+def test_a_surplus_reservation_caught_half_way_is_no_restore_failure() -> None:
+    """gather_surplus_pages() allocates surplus pages (surplus and nr rise) before it enqueues and
+    reserves them; a reading in between shows a free surplus page that is reserved a moment later."""
+    k = FakeKernel()
+    k.pools[9] = PoolState(nr=2, free=2, surplus=0, resv=0)  # two free pages nobody reserved
+    inf = k.inference()
+    inf.seed({512: 9, 1024: 9})
+    out: list[Event] = []
+    # a mapping reserves 3 pages: one surplus page allocated, not yet reserved (one reading sees this)
+    k.pools[9] = PoolState(nr=3, free=2, surplus=1, resv=0)
+    k.now += 500 * MS
+    out += inf.poll()
+    k.pools[9] = PoolState(nr=3, free=3, surplus=1, resv=3)  # enqueued and reserved
+    for _ in range(20):
+        k.now += 100 * MS
+        out += inf.poll()
+    assert [e for e in out if e.result is Result.ERROR] == []
 
 
 def test_reserved_surplus_pages_are_not_restore_failures() -> None:

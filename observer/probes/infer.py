@@ -32,8 +32,9 @@ Restore failures (-ENOMEM): the kernel keeps the page as a *free surplus* page i
 (no mm_page_free, no kernel message). Free surplus pages do not otherwise persist (a surplus page
 that becomes free is freed at once), except reserved ones, so a rise of
 ``max(0, min(surplus, free - resv))`` of an hstate is reported as that many restore errors (ENOMEM),
-without pfn or task (unknowable here). Not seen: a failure whose page is then successfully freed by a
-retry before we sample (6.7+ bulk frees retry one by one), and failures of demote/dissolve paths.
+without pfn (unknowable here), once two readings ``confirm_ns`` apart agree (``_restore_failures``).
+Not seen: a failure whose page is then successfully freed by a retry before we sample (6.7+ bulk
+frees retry one by one), and failures of demote/dissolve paths.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class VmemmapInference:
         drift_ns: int = 2000 * MS,
         idle_ns: int = 500 * MS,
         max_window_ns: int = 10_000 * MS,
+        confirm_ns: int = 200 * MS,
         clock: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         self.freeable = freeable  # order -> vmemmap pages HVO frees per huge page
@@ -109,6 +111,7 @@ class VmemmapInference:
         self.quiet_ns, self.stable_ns, self.drift_ns = quiet_ns, stable_ns, drift_ns
         self.patience_ns = patience_ns
         self.idle_ns, self.max_window_ns = idle_ns, max_window_ns
+        self.confirm_ns = confirm_ns
         self._clock = clock
         counters = read_counters()
         self.enabled = counters is not None
@@ -121,7 +124,9 @@ class VmemmapInference:
         self._settle_sample: tuple[int, int] | None = None
         self._drift_since: int | None = None
         self._next_idle = 0
-        self._pools = self._safe_pools()
+        self._pools = self._safe_pools()  # the last pool reading confirmed by a second one
+        self._pools_seen: tuple[int, dict[int, PoolState]] | None = None  # a new reading, since when
+        self._failure_like: dict[int, Event] = {}  # the last frees per order, for attributing failures
         self.unexplained_pages = 0  # counter changes attributed to no pool event
         self.drifts = 0
 
@@ -324,8 +329,24 @@ class VmemmapInference:
         return chosen, amount
 
     def _restore_failures(self, now: int, like: dict[int, Event] | None) -> list[Event]:
+        """Restore errors from a rise of free surplus pages, judged only on a pool reading that a
+        second one at least ``confirm_ns`` later repeats. The four sysfs files of an hstate are read
+        one after the other without the kernel's lock, and the kernel's surplus reservation
+        (gather_surplus_pages) allocates surplus pages before it reserves them: a single reading can
+        show free surplus pages that are reserved a moment later. A failure leaves its free surplus
+        page in place, so it survives the wait."""
         pools = self._safe_pools()
         if not pools:
+            return []
+        if like:
+            self._failure_like.update(like)
+        if pools == self._pools:
+            self._pools_seen, self._failure_like = None, {}
+            return []
+        if self._pools_seen is None or self._pools_seen[1] != pools:
+            self._pools_seen = (now, pools)
+            return []
+        if now - self._pools_seen[0] < self.confirm_ns:
             return []
         out: list[Event] = []
         for order, p in pools.items():
@@ -334,8 +355,8 @@ class VmemmapInference:
             if rise > 0 and self.freeable.get(order, 0):
                 log.warning("hstate order %d: %d free surplus page(s) appeared: vmemmap restore failed "
                             "(ENOMEM)", order, rise)
-                out += [_restore_error(order, now, (like or {}).get(order)) for _ in range(rise)]
-        self._pools = pools
+                out += [_restore_error(order, now, self._failure_like.get(order)) for _ in range(rise)]
+        self._pools, self._pools_seen, self._failure_like = pools, None, {}
         return out
 
     def _safe_pools(self) -> dict[int, PoolState]:
