@@ -291,19 +291,21 @@ class ApiServer(HTTPServer):
             finally:
                 with self._pool_lock:
                     self._busy -= 1
-                    self._active[self.peer(client_address)] -= 1
                     moved = id(request) in self._streaming
                     self._streaming.discard(id(request))
+                    if not moved:
+                        self._active[self.peer(client_address)] -= 1
                 if not moved:
                     self._slots.release()
 
-    def to_stream_budget(self, request: Any) -> bool:
-        """Move a connection from the request budget to the stream budget; False when every stream
-        slot is taken."""
+    def to_stream_budget(self, request: Any, client_address: Any) -> bool:
+        """Move a connection from the request budget (its slot and its peer's share) to the stream
+        budget; False when every stream slot is taken."""
         if not self.stream_slots.acquire(blocking=False):
             return False
         with self._pool_lock:
             self._streaming.add(id(request))
+            self._active[self.peer(client_address)] -= 1
         self._slots.release()
         return True
 
@@ -507,7 +509,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _stream(self, since: int, head: bool) -> None:
-        if not self.server.to_stream_budget(self._raw):
+        if not self.server.to_stream_budget(self._raw, self.client_address):
             self._send(503, b"too many streams\n", "text/plain; charset=utf-8", head)
             return
         try:
