@@ -7,7 +7,8 @@ Figures (``--only`` takes these names):
   idle_cpu         the daemon's CPU time while nothing happens, in % of one core
   scrape           GET /metrics latency p50/p99, real HTTP server, simulated model of 2 hstates x 64 nodes;
                    p99 again with the aggregates read and observed before each GET (shared BPF arrays:
-                   the same at 384 possible CPUs as here)
+                   the same at 384 possible CPUs as here); p99 again while a hostile local client holds
+                   200 idle connections to the metrics listener and 20 unread streams on the API socket
   decode           events/s through the probe session's ring-buffer callback (replayed records); the
                    daemon's whole per-event path (model, JSON record, event log) is shown alongside
   overhead_pool    growing and shrinking the 2 MiB pool by 1,000 pages, daemon attached vs. detached:
@@ -52,7 +53,7 @@ FIGURES: dict[str, tuple[str, ...]] = {
     "startup": ("startup_s",),
     "memory": ("private_memory_mib", "rss_mib", "bpf_map_mib_384cpu"),
     "idle_cpu": ("idle_cpu_pct",),
-    "scrape": ("scrape_p50_ms", "scrape_p99_ms", "scrape_384cpu_p99_ms"),
+    "scrape": ("scrape_p50_ms", "scrape_p99_ms", "scrape_384cpu_p99_ms", "scrape_hostile_p99_ms"),
     "decode": ("decode_events_per_s", "pipeline_events_per_s"),
     "overhead_pool": ("overhead_pool_ratio", "overhead_pool_wall_ratio"),
     "overhead_faults": ("overhead_faults_ratio", "overhead_faults_wall_ratio"),
@@ -259,6 +260,7 @@ def _scrape(plan: Plan) -> list[Figure]:
         Figure("scrape_p99_ms", "GET /metrics p99 (2 hstates x 64 nodes)", _pct(times, 0.99) * 1e3, "ms",
                ("<=", 10.0), detail=detail),
         _scrape_percpu(plan),
+        _scrape_hostile(plan),
     ]
 
 
@@ -274,6 +276,80 @@ def _scrape_percpu(plan: Plan) -> Figure:
                   detail={"requests": len(times), "cpus": BIG_HOST_CPUS,
                           "count_slots": reads.layout.count_slots, "hist_slots": reads.layout.hist_slots,
                           "p50_ms": round(_pct(times, 0.5) * 1e3, 3)})
+
+
+HOSTILE_IDLE, HOSTILE_STREAMS = 200, 20
+# The hostile local client, a process of its own: idle connections to the metrics listener (reopened
+# whenever the server drops one) and event streams on the API socket that it never reads.
+_HOSTILE = """
+import select, socket, sys, time
+port, path, n_idle, n_streams = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(n_idle)]
+streams = []
+for _ in range(n_streams):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.sendall(b"GET /api/v1/stream HTTP/1.0\\r\\n\\r\\n")
+    streams.append(s)
+print("ready", flush=True)
+while True:
+    for s in select.select(idle, [], [], 0.2)[0]:  # readable: the server closed it
+        idle.remove(s)
+        s.close()
+        idle.append(socket.create_connection(("127.0.0.1", port)))
+"""
+
+
+def _scrape_hostile(plan: Plan) -> Figure:
+    """GET /metrics p99 while a hostile local client holds HOSTILE_IDLE idle connections to the
+    metrics listener and HOSTILE_STREAMS unread event streams on the API socket (the daemon's two
+    listeners, on the simulated model): idle connections take no request slot and streams have a
+    budget of their own, so the scrape should not notice."""
+    import http.client
+    import subprocess
+    import tempfile
+
+    from observer.bench_workloads import _Backend, simulated_model
+    from observer.http_api import ApiServer, UnixApiServer
+
+    backend = _Backend(simulated_model())
+    label = f"GET /metrics p99, {HOSTILE_IDLE} idle connections + {HOSTILE_STREAMS} streams held"
+    with tempfile.TemporaryDirectory(prefix="hvo-bench-") as tmp:
+        tcp = ApiServer(("127.0.0.1", 0), backend, max_clients=16)
+        unix = UnixApiServer(Path(tmp) / "api.sock", backend, max_clients=16)
+        tcp.start()
+        unix.start()
+        port = tcp.server_address[1]
+        argv = [str(port), str(unix.path), str(HOSTILE_IDLE), str(HOSTILE_STREAMS)]
+        hostile = subprocess.Popen([sys.executable, "-c", _HOSTILE, *argv], stdout=subprocess.PIPE, text=True)
+        times: list[float] = []
+        statuses: dict[int, int] = {}
+        try:
+            assert hostile.stdout is not None
+            if hostile.stdout.readline().strip() != "ready":
+                return _missing("scrape_hostile_p99_ms", "the hostile client could not connect")
+            time.sleep(0.5)  # its streams are being served (or refused) before timing starts
+            _progress(f"scrape: {plan.scrapes} GETs of /metrics while a local client holds "
+                      f"{HOSTILE_IDLE} idle connections and {HOSTILE_STREAMS} unread streams")
+            for _ in range(plan.scrapes):
+                t0 = time.perf_counter()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.request("GET", "/metrics")
+                r = conn.getresponse()
+                r.read()
+                conn.close()
+                times.append(time.perf_counter() - t0)
+                statuses[r.status] = statuses.get(r.status, 0) + 1
+        finally:
+            hostile.kill()
+            hostile.wait()
+            tcp.stop()
+            unix.stop()
+    ok = statuses.get(200, 0)
+    return Figure("scrape_hostile_p99_ms", label, _pct(times, 0.99) * 1e3 if ok == len(times) else None, "ms",
+                  ("<=", 10.0), note="" if ok == len(times) else f"answers: {statuses}",
+                  detail={"requests": len(times), "statuses": statuses, "idle": HOSTILE_IDLE,
+                          "streams": HOSTILE_STREAMS, "p50_ms": round(_pct(times, 0.5) * 1e3, 3)})
 
 
 def _decode(plan: Plan) -> list[Figure]:
