@@ -252,7 +252,7 @@ class Daemon:
                 if lines:  # warnings are routine; the verifier's log matters when loading failed
                     log.log(logging.WARNING if failed else logging.DEBUG,
                             "bcc/clang output while loading the probes: %s", " | ".join(lines))
-        degraded = any(not a.ok for a in session.attachments)
+        degraded = any(not a.ok for a in session.attachments) or bool(session.degraded_reasons)
         if cfg.mode != "auto" and not degraded:
             try:
                 with logsetup.captured_stderr():  # the trial loads of better modes may print verifier logs
@@ -267,7 +267,7 @@ class Daemon:
                 log.warning("probe %s (%s) not attached: %s", p.probe, p.event, p.reason)
         assert self.model is not None
         self.model.set_runtime(Runtime(__version__, self._facts.release, session.mode, session.mode_reason,
-                                       degraded, probes))
+                                       degraded, probes, degraded_reasons=tuple(session.degraded_reasons)))
         log.info("probes: mode %s, %d/%d attached in %.1f s%s", session.mode, sum(p.attached for p in probes),
                  len(probes), session.startup_s, " (degraded)" if degraded else "")
         return session

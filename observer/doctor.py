@@ -79,6 +79,7 @@ def report(facts: KernelFacts) -> dict[str, Any]:
         "modes": {m: {"available": s.available, "reason": s.reason} for m, s in support.items()},
         "best_mode": best,
         "mode_reason": why,
+        "mode_limits": {m: modes.mode_limits(facts, m) for m in modes.MODES if support[m].available},
         "hvo_built": hvo.built,
         "hvo_enabled": hvo.enabled,
         "hvo_sysctl": facts.hvo_sysctl(),
@@ -110,6 +111,8 @@ def _human(r: dict[str, Any]) -> str:
     for mode, s in r["modes"].items():
         lines.append(f"  {mode:<11} {'available' if s['available'] else 'unavailable: ' + s['reason']}")
     lines.append(f"  -> {r['mode_reason']}")
+    for mode, limits in r["mode_limits"].items():
+        lines.extend(f"  {mode:<11} degraded: {why}" for why in limits)
     lines.append(f"HVO         {'enabled' if r['hvo_enabled'] else 'not applied now: ' + r['hvo_reason']}")
     if r["memmap"]:
         m = r["memmap"]

@@ -84,6 +84,7 @@ class Runtime:
     degraded: bool = False
     probes: tuple[ProbeState, ...] = ()
     started_unix: float = field(default_factory=time.time)
+    degraded_reasons: tuple[str, ...] = ()  # what the mode cannot see on this kernel (modes.mode_limits)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from observer.kernel import bpf_trial, tracefs
 from observer.kernel.facts import KernelFacts
 from observer.kernel.files import read_int, under
 from observer.kernel.kconfig import enabled
+from observer.probes.page_pfn import vmemmap_base_problem
 
 MODES = ("fentry", "kprobe", "tracepoint")  # best first
 # Functions an fentry trial attaches to (briefly): an HVO one when the kernel has it, else a
@@ -66,6 +67,20 @@ def tracepoint_support(facts: KernelFacts) -> ModeSupport:
 def mode_support(facts: KernelFacts) -> dict[str, ModeSupport]:
     return {"fentry": fentry_support(facts), "kprobe": kprobe_support(facts),
             "tracepoint": tracepoint_support(facts)}
+
+
+def mode_limits(facts: KernelFacts, mode: str) -> list[str]:
+    """What ``mode`` cannot see on this kernel whatever attaches: each a reason the daemon runs
+    degraded (hvo_mode_degraded, doctor, explain)."""
+    limits = []
+    if mode == "tracepoint" and facts.memmap_counters() is None:
+        limits.append("tracepoint mode cannot infer optimize/restore: the kernel has no nr_memmap_pages/"
+                      "nr_memmap_boot_pages in /proc/vmstat (6.11+), so optimized pages stay at the "
+                      "start-up estimate")
+    problem = vmemmap_base_problem(facts)
+    if problem:
+        limits.append(problem + " (events carry no node)")
+    return limits
 
 
 def best_mode(support: dict[str, ModeSupport]) -> tuple[str | None, str]:

@@ -26,8 +26,10 @@ METRICS: dict[str, str] = {
     "hvo_build_info": "hvo-observer version, running kernel and probe mode (value 1).",
     "hvo_hvo_enabled": "1 when huge pages allocated now get HVO (vm.hugetlb_optimize_vmemmap, or the boot "
                        "setting on kernels without the sysctl), else 0.",
-    "hvo_mode_degraded": "1 when the daemon runs in a worse probe mode than the kernel allows or some probe "
-                         "is not attached, else 0.",
+    "hvo_mode_degraded": "1 when the daemon runs in a worse probe mode than the kernel allows, some probe "
+                         "is not attached, or the mode cannot see everything on this kernel (tracepoint "
+                         "mode without nr_memmap_* counters, pfns unknown under KASLR; see hvo-observer "
+                         "doctor), else 0.",
     "hvo_probe_attached": "1 when the probe is attached, 0 when attaching it failed.",
     "hvo_hugepages": "Huge pages in the pool (nr_hugepages, surplus pages included).",
     "hvo_hugepages_free": "Free huge pages in the pool (free_hugepages).",

@@ -198,11 +198,14 @@ class Explainer:
         if self.doc["source"] != "daemon":
             return
         missing = [p for p in self.doc.get("probes", []) if not p["attached"]]
-        if self.doc.get("degraded") or missing:
+        limits = self.doc.get("degraded_reasons") or []
+        if self.doc.get("degraded") or missing or limits:
             self.add("degraded", f"probes degraded (mode {self.doc.get('mode')})",
-                     "; ".join(f"{p['probe']} ({p['event']}) not attached: {p['reason']}" for p in missing)
+                     "; ".join([*limits, *(f"{p['probe']} ({p['event']}) not attached: {p['reason']}"
+                                           for p in missing)])
                      or self.doc.get("mode_reason", ""),
-                     "run 'hvo-observer doctor' to see which mode this kernel allows", severity="warning")
+                     "run 'hvo-observer doctor' to see which mode this kernel allows and what it cannot see",
+                     severity="warning")
 
     def drift(self) -> None:
         rec = self.doc["reconcile"]

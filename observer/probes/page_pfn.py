@@ -19,6 +19,40 @@ log = logging.getLogger(__name__)
 VMEMMAP_BASE = "vmemmap_base"  # randomized by KASLR
 # x86-64 start of the vmemmap without KASLR (4-level paging), for kernels without vmemmap_base.
 DEFAULT_VMEMMAP_BASE = 0xFFFFEA0000000000
+# x86-64 kernel text without KASLR (__START_KERNEL_map + LOAD_PHYSICAL_ADDR): the decompressor that
+# randomizes the text also sets the flag that randomizes the memory layout (kaslr_enabled()).
+DEFAULT_TEXT = 0xFFFFFFFF81000000
+
+
+def layout_randomized(facts: KernelFacts) -> bool | None:
+    """Whether this boot randomized the kernel's memory layout (x86-64 CONFIG_RANDOMIZE_MEMORY with
+    KASLR in effect); None when nothing tells. A kernel booted without the decompressor (a direct
+    vmlinux boot, as some hypervisors do) or with ``nokaslr`` keeps the fixed layout."""
+    from observer.kernel.kconfig import enabled
+
+    if enabled(facts.kconfig, "CONFIG_RANDOMIZE_MEMORY") is False:
+        return False
+    if "nokaslr" in facts.boot_params.raw.split():
+        return False
+    text = facts.kernel_address("_text")
+    if text:
+        return text != DEFAULT_TEXT
+    return None
+
+
+def vmemmap_base_problem(facts: KernelFacts) -> str | None:
+    """Why pfns (and so NUMA nodes) of struct page pointers are unknown on this boot, or None: the
+    address of vmemmap_base is unknown (no CONFIG_KALLSYMS_ALL, no kernel-addresses file) and the
+    layout is or may be randomized, so the fixed x86-64 base would be a guess."""
+    if facts.kernel_address(VMEMMAP_BASE):
+        return None
+    randomized = layout_randomized(facts)
+    if randomized is False:
+        return None
+    why = "the kernel randomizes its memory layout (KASLR)" if randomized else \
+        "the kernel may randomize its memory layout (KASLR; its text address is not visible)"
+    return (f"vmemmap_base is unknown (not in /proc/kallsyms: CONFIG_KALLSYMS_ALL off, and no "
+            f"kernel-addresses file) and {why}: pfns and NUMA nodes of events are unknown")
 
 
 def page_pfn_cflags(facts: KernelFacts, struct_page_size: int) -> list[str]:
@@ -28,8 +62,10 @@ def page_pfn_cflags(facts: KernelFacts, struct_page_size: int) -> list[str]:
     if base_addr:
         flags.append(f"-DHVO_VMEMMAP_BASE_ADDR={base_addr:#x}ULL")
     else:
-        # e.g. kernels without CONFIG_KALLSYMS_ALL (no data symbols): right unless KASLR moved it
-        log.warning("no vmemmap_base in kallsyms: pfns assume the vmemmap starts at %#x (wrong if "
-                    "KASLR randomized the memory layout)", DEFAULT_VMEMMAP_BASE)
+        # e.g. kernels without CONFIG_KALLSYMS_ALL (no data symbols): the fixed base, right when the
+        # layout is not randomized; vmemmap_base_problem() says when it may be wrong (mode degraded)
+        problem = vmemmap_base_problem(facts)
+        if problem:
+            log.warning("%s", problem)
         flags.append(f"-DHVO_VMEMMAP_BASE={DEFAULT_VMEMMAP_BASE:#x}ULL")
     return flags

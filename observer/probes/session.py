@@ -97,6 +97,7 @@ class ProbeSession:
         self.output = output
         self.mode: str | None = None
         self.mode_reason = ""
+        self.degraded_reasons: list[str] = []  # what the mode cannot see on this kernel (modes.mode_limits)
         self.attachments: list[Attachment] = []
         self.probe_sets: list[ProbeSet] = []
         self.perfbuf = False
@@ -124,6 +125,8 @@ class ProbeSession:
         self.close()
 
     def start(self) -> None:
+        from observer import modes
+
         t0 = time.monotonic()
         if self.facts is None:
             from observer.kernel.facts import gather
@@ -132,14 +135,15 @@ class ProbeSession:
         if self.requested_mode == "auto":
             self.mode, self.mode_reason = select_mode(self.facts)
         else:
-            from observer import modes
-
             # Fail before a long compile, with the kernel's reason (e.g. perf_event_paranoid).
             support = modes.mode_support(self.facts)[self.requested_mode]
             if not support.available:
                 raise ObserverError(f"{self.requested_mode} mode is not available: {support.reason}")
             self.mode, self.mode_reason = self.requested_mode, "requested"
         log.info("probe mode %s: %s", self.mode, self.mode_reason)
+        self.degraded_reasons = modes.mode_limits(self.facts, self.mode)
+        for reason in self.degraded_reasons:
+            log.warning("degraded: %s", reason)
         self.timings["select"] = time.monotonic() - t0
         self.probe_sets = self._make_probe_sets(self.mode)
         try:
@@ -210,6 +214,11 @@ class ProbeSession:
         return bpf
 
     def _node_cflags(self) -> list[str]:
+        from observer.probes.page_pfn import vmemmap_base_problem
+
+        if vmemmap_base_problem(self.facts):  # pfns unknown: no node is better than a guessed one
+            self._layout = None
+            return []
         self._layout = _memory_layout(self.facts)
         if self._layout is None or not self._layout.blocks:
             return []
