@@ -57,6 +57,8 @@ SETTLE = "settle_seconds = 1.0\n"
 # HTTP from the guest's shell: busybox (installed by scripts/setup) rather than curl (which it is not).
 GET = "busybox wget -q -O - http://127.0.0.1:9817"
 GET_STATUS = "busybox wget -q -S -O /dev/null http://127.0.0.1:9817"  # prints the status line
+# The JSON API is on the unit's socket (/run/hvo-observer/api.sock, root's): the CLI, as root.
+API_STATUS = "cd /opt/hvo && .venv/bin/python -m observer status --json"
 # Types of the programs a probe mode loads (systemd's own are cgroup_skb/cgroup_device).
 TRACING_TYPES = {"kprobe", "tracepoint", "raw_tracepoint", "tracing", "perf_event"}
 
@@ -194,7 +196,8 @@ def test_daemon_runs_with_only_bpf_and_perfmon(guest: Guest) -> None:
     assert caps == {"CapInh": UNIT_CAPS, "CapPrm": UNIT_CAPS, "CapEff": UNIT_CAPS, "CapBnd": UNIT_CAPS,
                     "CapAmb": UNIT_CAPS}, {k: hex(v) for k, v in caps.items()}
     assert not caps["CapBnd"] & (1 << CAP_SYS_ADMIN)
-    doc = json.loads(sh(g, f"{GET}/api/v1/status"))
+    doc = json.loads(sh(g, API_STATUS, timeout=600))
+    assert (doc["source"], doc["daemon"]) == ("daemon", "/run/hvo-observer/api.sock"), doc.get("daemon_error")
     print(f"\nunder the unit: mode {doc['mode']} ({doc['mode_reason']})")
     text = metrics(g)
     attached = re.findall(r"^hvo_probe_attached\{(.*)\} (\S+)$", text, re.M)
@@ -216,8 +219,10 @@ def test_daemon_gets_the_kernel_addresses_root_sees(guest: Guest) -> None:
     assert re.search(r"kernel addresses: /proc/kallsyms shows them as 0 \(no CAP_SYSLOG\); vmemmap_base, "
                      rf"vmemmap_remap_pte, vmemmap_restore_pte from {record} \(recorded this boot\)$",
                      log, re.M), log[-4000:]
-    # The record: root's and private, of this boot, with the addresses root sees in /proc/kallsyms.
-    assert sh(g, f"stat -c '%a %U' /run/hvo-observer {record}").split() == ["700", "root", "600", "root"]
+    # The record: root's and private (in a directory the API socket's group may enter), of this boot,
+    # with the addresses root sees in /proc/kallsyms.
+    assert sh(g, f"stat -c '%a %U' /run/hvo-observer {record}").split() == ["755", "root", "600", "root"]
+    assert sh(g, "stat -c '%a %U %F' /run/hvo-observer/api.sock").split() == ["660", "root", "socket"]
     lines = [line.split() for line in sh(g, f"cat {record}").splitlines() if not line.startswith("#")]
     assert lines[0] == ["boot_id", sh(g, "cat /proc/sys/kernel/random/boot_id").strip()]
     recorded = {name: int(addr, 16) for addr, name in lines[1:]}
@@ -226,14 +231,14 @@ def test_daemon_gets_the_kernel_addresses_root_sees(guest: Guest) -> None:
             (line.split() for line in sh(g, f"grep -E ' ({names})$' /proc/kallsyms").splitlines())}
     assert recorded == seen and set(recorded) == {"vmemmap_base", "vmemmap_remap_pte", "vmemmap_restore_pte"}
     # The same function probes as root (full privileges, addresses visible), remap walkers included.
-    mode = json.loads(sh(g, f"{GET}/api/v1/status"))["mode"]
+    mode = json.loads(sh(g, API_STATUS, timeout=600))["mode"]
     script = ("import json\nfrom observer.kernel.facts import gather\n"
               "from observer.probes.functions import FunctionProbeSet\n"
               f"ps = FunctionProbeSet({mode!r}, gather())\n"
               "print(json.dumps(sorted({(p.spec.event.label, p.symbol) for p in ps.plans})))\n")
     as_root = {tuple(p) for p in json.loads(
         sh(g, f"cd /opt/hvo && .venv/bin/python - <<'EOF'\n{script}EOF", timeout=600))}
-    doc = json.loads(sh(g, f"{GET}/api/v1/status"))
+    doc = json.loads(sh(g, API_STATUS, timeout=600))
     mine = {(p["event"], p["probe"]) for p in doc["probes"] if p["attached"] and ":" not in p["probe"]}
     print(f"\nfunction probes under the unit ({mode}): {sorted(mine)}")
     assert {("remap_free", "vmemmap_remap_range"), ("remap_alloc", "vmemmap_remap_range")} <= as_root
