@@ -88,3 +88,13 @@ def test_doctor_names_the_limits(tmp_path: Path) -> None:
     text = doctor._human(r)
     assert "tracepoint  degraded: tracepoint mode cannot infer optimize/restore" in text
     assert "degraded: vmemmap_base is unknown" in text
+
+
+def test_explain_names_the_daemons_degraded_reasons() -> None:
+    from observer.commands import explain
+    from tests.test_cli_units import FakeFacts, _doc
+
+    why = "tracepoint mode cannot infer optimize/restore: the kernel has no nr_memmap_pages"
+    doc = {**_doc(), "degraded": True, "degraded_reasons": [why]}
+    [finding] = [f for f in explain.Explainer(doc, FakeFacts()).report()["findings"] if f["id"] == "degraded"]
+    assert why in finding["evidence"]

@@ -41,13 +41,16 @@ def write_private(path: Path, text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from observer.kernel.kallsyms import record_addresses
     from observer.probes.functions import ADDRESS_SYMBOLS
+    from observer.probes.page_pfn import KERNEL_TEXT
 
-    rec = record_addresses(ADDRESS_SYMBOLS)
+    # and the kernel's text: whether this boot randomized the memory layout (page_pfn.layout_randomized)
+    wanted = (*ADDRESS_SYMBOLS, KERNEL_TEXT)
+    rec = record_addresses(wanted)
     if args.write is None:
         print(rec.format(), end="")
         return 0
     write_private(args.write, rec.format())
-    missing = [n for n in ADDRESS_SYMBOLS if n not in rec.addresses]
+    missing = [n for n in wanted if n not in rec.addresses]
     print(f"recorded {', '.join(rec.addresses) or 'no addresses'} in {args.write}"
           + (f" (not in this kernel: {', '.join(missing)})" if missing else ""))
     return 0

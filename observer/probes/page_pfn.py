@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VMEMMAP_BASE = "vmemmap_base"  # randomized by KASLR
+KERNEL_TEXT = "_text"  # tells whether this boot randomized the layout (layout_randomized)
 # x86-64 start of the vmemmap without KASLR (4-level paging), for kernels without vmemmap_base.
 DEFAULT_VMEMMAP_BASE = 0xFFFFEA0000000000
 # x86-64 kernel text without KASLR (__START_KERNEL_map + LOAD_PHYSICAL_ADDR): the decompressor that
@@ -34,7 +35,7 @@ def layout_randomized(facts: KernelFacts) -> bool | None:
         return False
     if "nokaslr" in facts.boot_params.raw.split():
         return False
-    text = facts.kernel_address("_text")
+    text = facts.kernel_address(KERNEL_TEXT)
     if text:
         return text != DEFAULT_TEXT
     return None
@@ -64,8 +65,7 @@ def page_pfn_cflags(facts: KernelFacts, struct_page_size: int) -> list[str]:
     else:
         # e.g. kernels without CONFIG_KALLSYMS_ALL (no data symbols): the fixed base, right when the
         # layout is not randomized; vmemmap_base_problem() says when it may be wrong (mode degraded)
-        problem = vmemmap_base_problem(facts)
-        if problem:
-            log.warning("%s", problem)
+        log.warning("no vmemmap_base in kallsyms: pfns assume the vmemmap starts at %#x (wrong if "
+                    "KASLR randomized the memory layout)", DEFAULT_VMEMMAP_BASE)
         flags.append(f"-DHVO_VMEMMAP_BASE={DEFAULT_VMEMMAP_BASE:#x}ULL")
     return flags
