@@ -44,7 +44,7 @@ class Calibration:
 
     @property
     def device_key(self) -> object:
-        return self.layout_key[-1]  # MemoryLayout.change_key() ends with the device memory ranges
+        return self.layout_key[-1]  # MemoryLayout.change_key() ends with the device key
 
 
 class FullVmemmap:
@@ -84,8 +84,8 @@ class FullVmemmap:
         if predicted is None:
             return None
         if cal is None:
-            return None if layout.device_ranges else predicted
-        if cal.device_key != layout.device_ranges or cal.predicted_pages is None:
+            return None if layout.device_key else predicted
+        if cal.device_key != layout.device_key or cal.predicted_pages is None:
             return None
         if not cal.device_key and not cal.agrees:
             return None  # the RAM model is wrong for this kernel: no figure rather than a wrong one

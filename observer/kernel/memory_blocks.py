@@ -13,12 +13,13 @@ System RAM ranges come from /proc/iomem (all of them: boot, hot-added, driver-ma
 /sys/firmware/memmap, the firmware's map plus ACPI hot-added ranges (it misses driver-managed
 memory and ranges a ``memmap=`` parameter turned into something else: the memory-block check and
 the empty-pool calibration in observer/vmemmap_truth.py catch those). Device memory (ZONE_DEVICE,
-counted by the kernel from 6.11) has no block and is not counted here: ``device_ranges`` only lets
-a change of it be noticed.
+counted by the kernel from 6.11) has no block and is not counted here: ``device_key`` (iomem
+entries, nvdimm/dax devices) only lets a change of it be noticed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ MEMORY = "/sys/devices/system/memory"
 NODES = "/sys/devices/system/node"
 IOMEM = "/proc/iomem"
 FIRMWARE_MEMMAP = "/sys/firmware/memmap"
+DEVICE_BUSES = ("/sys/bus/nd/devices", "/sys/bus/dax/devices")  # pmem namespaces, pfn and dax devices
 _BLOCK = re.compile(r"^memory(\d+)$")
 _NODE = re.compile(r"^node(\d+)$")
 _IOMEM_LINE = re.compile(r"^(\s*)([0-9a-fA-F]+)-([0-9a-fA-F]+) : (.*)$")
@@ -57,6 +59,7 @@ class MemoryLayout:
     ram_ranges: tuple[Range, ...] = ()  # System RAM; empty: unknown (then every block counts as present)
     ram_source: str = ""  # the file the ranges come from
     device_ranges: tuple[tuple[Range, str], ...] = ()  # iomem device memory entries (change detection)
+    devices: tuple[str, ...] = ()  # nvdimm and dax devices in sysfs (change detection without iomem)
 
     @property
     def online_bytes(self) -> int:
@@ -88,7 +91,12 @@ class MemoryLayout:
         """What changes when memory is hot-added, removed or re-assigned (not on/offlining, which
         keeps the memmap)."""
         return (self.block_size_bytes, tuple((b.index, b.node) for b in self.blocks), self.ram_ranges,
-                self.device_ranges)
+                self.device_key)
+
+    @property
+    def device_key(self) -> tuple[object, ...]:
+        """What is known of device memory (ZONE_DEVICE candidates); empty when there is none."""
+        return (self.device_ranges, self.devices) if self.device_ranges or self.devices else ()
 
     def node_of_pfn(self, pfn: int, page_size: int = 4096) -> int | None:
         index = pfn * page_size // self.block_size_bytes if self.block_size_bytes else -1
@@ -119,7 +127,15 @@ def read_memory_layout(root: Path = ROOT, machine: str | None = None) -> MemoryL
     bits = SECTION_SIZE_BITS.get(machine or os.uname().machine)
     section = 1 << bits if bits else (block_size or 128 << 20)
     ram, device, source = read_ram_ranges(root)
-    return MemoryLayout(block_size, blocks, section, ram, source, device)
+    return MemoryLayout(block_size, blocks, section, ram, source, device, _device_names(root))
+
+
+def _device_names(root: Path) -> tuple[str, ...]:
+    names: list[str] = []
+    for bus in DEVICE_BUSES:
+        with contextlib.suppress(OSError):
+            names += [f"{bus}/{n}" for n in os.listdir(under(root, bus))]
+    return tuple(sorted(names))
 
 
 def layout_probe(root: Path = ROOT) -> tuple[object, ...]:
@@ -137,7 +153,7 @@ def layout_probe(root: Path = ROOT) -> tuple[object, ...]:
     if not any(c not in "0-: \n" for line in text.splitlines() for c in line.split(" : ", 1)[0]):
         fw = under(root, FIRMWARE_MEMMAP)
         text = " ".join(sorted(os.listdir(fw))) if fw.is_dir() else ""
-    return names, text
+    return names, text, _device_names(root)
 
 
 class LayoutFollower:
