@@ -2,7 +2,10 @@
 
 The API is on the daemon's Unix socket (``/run/hvo-observer/api.sock``: root's and its group's);
 ``--daemon`` (or ``$HVO_OBSERVER_ADDR``) names another socket path, or ``HOST:PORT`` of a daemon
-whose configuration serves the API on TCP too (``tcp_api``). Standard library only (http.client):
+whose configuration serves the API on TCP too (``tcp_api``), ``https://HOST:PORT`` when its web
+config asks for TLS: the CA comes from OpenSSL's defaults (``$SSL_CERT_FILE``), a client certificate
+from ``$HVO_OBSERVER_TLS_CERT``/``$HVO_OBSERVER_TLS_KEY``, basic auth from
+``$HVO_OBSERVER_BASIC_AUTH`` (``user:password``). Standard library only (http.client):
 the CLI must start fast and needs nothing else. Every failure becomes one ``ObserverError`` line
 naming the address and what to do; a missing socket is ``DaemonUnavailable`` (callers fall back to
 the kernel's counters), a socket this user may not use is a plain "permission denied" error.
@@ -11,11 +14,13 @@ the kernel's counters), a socket this user may not use is a plain "permission de
 from __future__ import annotations
 
 import argparse
+import base64
 import grp
 import http.client
 import json
 import os
 import socket
+import ssl
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ from observer.errors import ObserverError
 
 DEFAULT_ADDR = "/run/hvo-observer/api.sock"
 ENV_ADDR = "HVO_OBSERVER_ADDR"
+ENV_AUTH, ENV_CERT, ENV_KEY = "HVO_OBSERVER_BASIC_AUTH", "HVO_OBSERVER_TLS_CERT", "HVO_OBSERVER_TLS_KEY"
 API = "/api/v1"
 
 
@@ -51,11 +57,13 @@ class Address:
     port: int
     source: str  # "--daemon", "$HVO_OBSERVER_ADDR" or "default": named in errors
     path: str | None = None  # the Unix socket (host and port unused)
+    tls: bool = False  # https://HOST:PORT
 
     def __str__(self) -> str:
         if self.path is not None:
             return self.path
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        hostport = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return f"https://{hostport}" if self.tls else hostport
 
 
 def parse_address(value: str, source: str = "--daemon") -> Address:
@@ -66,8 +74,9 @@ def parse_address(value: str, source: str = "--daemon") -> Address:
         text = text[len("unix:"):]
     if text.startswith("/"):
         return Address("localhost", 0, source, text)
-    if text.startswith("http://"):  # pasted from a browser or a scrape config
-        text = text[len("http://"):].rstrip("/")
+    tls = text.startswith("https://")
+    if text.startswith(("http://", "https://")):  # pasted from a browser or a scrape config
+        text = text.split("://", 1)[1].rstrip("/")
     try:
         host, port = parse_listen(text)
         if port == 0:
@@ -76,7 +85,7 @@ def parse_address(value: str, source: str = "--daemon") -> Address:
             raise ValueError(f"{host!r} is not a host name or IP address")
     except ValueError as e:
         raise ObserverError(f"bad {source} address {value!r}: {e}") from None
-    return Address(host, port, source)
+    return Address(host, port, source, tls=tls)
 
 
 def address_from(args: argparse.Namespace) -> Address:
@@ -119,6 +128,9 @@ class DaemonClient:
                              f"every task's pids and page frames): run as {who}")
 
     def _os_error(self, e: OSError) -> ObserverError:
+        if isinstance(e, ssl.SSLError):
+            return ObserverError(f"daemon at {self.addr}: TLS failed ({e.reason or e}): its CA must be in "
+                                 f"$SSL_CERT_FILE, a client certificate in ${ENV_CERT}/${ENV_KEY}")
         if self.addr.path is not None:
             if isinstance(e, PermissionError):
                 return self._denied()
@@ -138,10 +150,10 @@ class DaemonClient:
               ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         query = {k: v for k, v in (params or {}).items() if v is not None}
         url = f"{prefix}{path}" + (f"?{urlencode(query, doseq=True)}" if query else "")
-        conn = (_UnixConnection(self.addr.path, timeout) if self.addr.path is not None else
-                http.client.HTTPConnection(self.addr.host, self.addr.port, timeout=timeout))
+        headers = {"Accept": "application/json"}
+        conn = self._connection(timeout, headers)
         try:
-            conn.request("GET", url, headers={"Accept": "application/json"})
+            conn.request("GET", url, headers=headers)
             resp = conn.getresponse()
         except OSError as e:
             conn.close()
@@ -156,6 +168,23 @@ class DaemonClient:
             raise self._http_error(url, resp.status, body)
         return conn, resp
 
+    def _connection(self, timeout: float | None, headers: dict[str, str]) -> http.client.HTTPConnection:
+        if self.addr.path is not None:
+            return _UnixConnection(self.addr.path, timeout)
+        if not self.addr.tls:
+            return http.client.HTTPConnection(self.addr.host, self.addr.port, timeout=timeout)
+        ctx = ssl.create_default_context()
+        cert, key = os.environ.get(ENV_CERT), os.environ.get(ENV_KEY)
+        if cert:
+            try:
+                ctx.load_cert_chain(cert, key or None)
+            except (OSError, ssl.SSLError) as e:
+                raise ObserverError(f"bad ${ENV_CERT} {cert!r}: {getattr(e, 'reason', None) or e}") from None
+        auth = os.environ.get(ENV_AUTH)
+        if auth:
+            headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+        return http.client.HTTPSConnection(self.addr.host, self.addr.port, timeout=timeout, context=ctx)
+
     def _http_error(self, url: str, status: int, body: bytes) -> ObserverError:
         try:
             msg = json.loads(body).get("error")
@@ -169,7 +198,7 @@ class DaemonClient:
                                  "tcp_api = true in its config")
         if status == 401:
             return ObserverError(f"daemon at {self.addr}: HTTP 401 for {url}: its web config requires basic "
-                                 "auth; use its Unix socket on its host")
+                                 f"auth: set ${ENV_AUTH} to USER:PASSWORD, or use its Unix socket")
         if status == 404:
             return DaemonUnavailable(f"no hvo-observer API at {self.addr} ({url}: HTTP 404; another "
                                      "service on that port, or an older daemon?)")

@@ -117,7 +117,7 @@ class Daemon:
         self.session: Any = None
         self.server: Any = None
         self.api_server: Any = None
-        self.web: Any = None
+        self.web = self._load_web(cfg)  # a broken web config fails here, before the probes are built
         self._facts: Any = None
         self._reader: Any = None
         self._stop = threading.Event()
@@ -184,7 +184,6 @@ class Daemon:
         self.model = Model.for_facts(facts, self.cfg.settle_seconds)
         specs = self.model.hstates
         self.exposition = Exposition(self.model.view)
-        self.web = self._load_web(self.cfg)
         self.server = self._bind(self.cfg)
         self.api_server = self._bind_socket(self.cfg)
         self.server.start()
@@ -205,7 +204,8 @@ class Daemon:
                  "exact" if info.exact else f"not exact: {info.note}")
         self._release_startup_memory()
 
-    def _load_web(self, cfg: Config) -> Any:
+    @staticmethod
+    def _load_web(cfg: Config) -> Any:
         from observer import web_config
 
         return web_config.load(Path(cfg.web_config_file)) if cfg.web_config_file else web_config.WebConfig()

@@ -345,6 +345,8 @@ class UnixApiServer(ApiServer):
         return "local"
 
     def server_bind(self) -> None:
+        if not self.path.parent.exists():  # run by hand: the unit's RuntimeDirectory= is not there
+            self.path.parent.mkdir(mode=0o755)
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 os.unlink(self.path)  # left by a daemon that was killed

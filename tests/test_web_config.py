@@ -191,3 +191,34 @@ def test_streams_have_their_own_budget_and_idle_connections_take_no_slot() -> No
         finally:
             for c in idle + streams:
                 c.close()
+
+
+def test_the_daemon_refuses_a_broken_web_config_in_one_line(tmp_path: Path) -> None:
+    import sys
+
+    from tests.daemon_proc import REPO
+
+    web = write(tmp_path, "basic_auth_users: {prom: plaintext}\n")
+    r = subprocess.run([sys.executable, "-m", "observer", "run", "--web.config.file", str(web), "--listen",
+                        "127.0.0.1:0", "--api-socket", ""], cwd=REPO, capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"hvo-observer: web config file {web}: basic_auth_users.prom is not a bcrypt")
+
+
+def test_cli_client_reaches_a_tcp_api_behind_tls_and_basic_auth(certs: Path, hashed: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from observer.client import DaemonClient, parse_address
+
+    web = load(write(certs, f'tls_server_config: {{cert_file: ca.crt, key_file: ca.key}}\n'
+                            f'basic_auth_users: {{prom: "{hashed}"}}\n'))
+    with serving(ApiServer(("127.0.0.1", 0), Stub(), 4, api=True, web=web)) as s:
+        client = DaemonClient(parse_address(f"https://127.0.0.1:{s.server_address[1]}"))
+        monkeypatch.setenv("SSL_CERT_FILE", str(certs / "nothing.pem"))
+        with pytest.raises(ObserverError, match=r"TLS failed .*CERTIFICATE_VERIFY_FAILED"):
+            client.status()
+        monkeypatch.setenv("SSL_CERT_FILE", str(certs / "ca.crt"))
+        with pytest.raises(ObserverError, match=r"HTTP 401 .* set \$HVO_OBSERVER_BASIC_AUTH"):
+            client.status()
+        monkeypatch.setenv("HVO_OBSERVER_BASIC_AUTH", "prom:pw")
+        assert client.status() == {"hstates": []}
