@@ -48,6 +48,7 @@ import selectors
 import socket
 import ssl
 import stat
+import sys
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -193,7 +194,7 @@ class ApiServer(HTTPServer):
 
             def drop(conn: socket.socket) -> None:
                 addr, _ = pending.pop(conn)
-                peers[self.peer(addr)] -= 1
+                _decrement(peers, self.peer(addr))
                 sel.unregister(conn)
 
             while not self.stopping.is_set():
@@ -276,7 +277,7 @@ class ApiServer(HTTPServer):
                 with self._pool_lock:
                     self._busy -= 1
                     self._workers -= 1
-                    self._active[peer] -= 1
+                    _decrement(self._active, peer)
                 self._slots.release()
                 log.warning("cannot start an HTTP worker: %s", e)
                 self.shutdown_request(request)
@@ -294,7 +295,7 @@ class ApiServer(HTTPServer):
                     moved = id(request) in self._streaming
                     self._streaming.discard(id(request))
                     if not moved:
-                        self._active[self.peer(client_address)] -= 1
+                        _decrement(self._active, self.peer(client_address))
                 if not moved:
                     self._slots.release()
 
@@ -305,7 +306,7 @@ class ApiServer(HTTPServer):
             return False
         with self._pool_lock:
             self._streaming.add(id(request))
-            self._active[self.peer(client_address)] -= 1
+            _decrement(self._active, self.peer(client_address))
         self._slots.release()
         return True
 
@@ -318,7 +319,18 @@ class ApiServer(HTTPServer):
             self.shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        log.exception("error while serving %s", self.peer(client_address))
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # the client went away, reset the connection, timed out
+            log.debug("%s: %s", self.peer(client_address), error)
+        else:
+            log.exception("error while serving %s", self.peer(client_address))
+
+
+def _decrement(counts: Counter[str], key: str) -> None:
+    """One less for ``key``, forgotten at zero (peers come and go: the counter must not grow)."""
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
 
 
 class SocketGroupError(PermissionError):
@@ -336,6 +348,7 @@ class UnixApiServer(ApiServer):
         self.path, self.mode, self.gid = path, mode, gid
         self._inode: tuple[int, int] | None = None
         super().__init__(str(path), backend, max_clients, api=True, max_streams=max_streams)
+        self._per_peer = max_clients  # every client is "local": no per-peer share
 
     @property
     def listen(self) -> str:
