@@ -89,16 +89,21 @@ class AggregateReads:
 
         self.layout = AggregateLayout(hstate_orders)
         rng = random.Random(2)
-        self._counts = array("Q", (rng.randrange(1 << 20) for _ in range(self.layout.count_slots)))
-        self._hist = array("Q", (rng.randrange(1 << 20) for _ in range(self.layout.hist_slots)))
+        # every slot of every hstate in use; none for pages of an order no hstate has
+        real_counts = len(hstate_orders) * self.layout.count_slots // self.layout.hstate_slots
+        real_hist = len(hstate_orders) * self.layout.hist_slots // self.layout.hstate_slots
+        self._counts = array("Q", (rng.randrange(1 << 20) if i < real_counts else 0
+                                   for i in range(self.layout.count_slots)))
+        self._hist = array("Q", (rng.randrange(1 << 20) if i < real_hist else 0
+                                 for i in range(self.layout.hist_slots)))
         self._n = 0
 
     def __call__(self, model: object) -> None:
         from observer.probes.aggregates import Aggregates
 
         self._n += 1
-        self._counts[self._n % len(self._counts)] += 1
-        self._hist[self._n % len(self._hist)] += 1
+        self._counts[self._n % (len(self._counts) // self.layout.hstate_slots)] += 1
+        self._hist[self._n % (len(self._hist) // self.layout.hstate_slots)] += 1
         counts = self.layout.decode_counts(memoryview(self._counts).tolist())
         hist = self.layout.decode_hist(memoryview(self._hist).tolist())
         model.observe(model.snapshot, Aggregates(counts, hist, 0))  # type: ignore[attr-defined]

@@ -97,3 +97,24 @@ def test_an_accepted_gigantic_candidate_counts_once() -> None:
         assert session._on_ring(None, ctypes.addressof(buf), len(buf)) == 0
     session._flush_pending()  # the free confirmed the candidate: both are dispatched now
     assert session._user_counts == {(EventType.POOL_ALLOC, 18, Result.OK): 1}
+
+
+@pytest.mark.parametrize("accept", ["text/plain", "application/openmetrics-text; version=1.0.0"])
+def test_a_body_from_cached_sections_equals_a_fresh_encoding(accept: str) -> None:
+    """Exposition re-encodes only the sections whose inputs changed; the body must be what encoding
+    the whole view gives (prometheus_client's own encoder over one registry)."""
+    from prometheus_client.exposition import choose_encoder
+
+    from exporters.prometheus.collector import Exposition, registry
+    from observer.bench_workloads import simulated_model
+    from observer.probes.aggregates import Aggregates
+
+    model = simulated_model(hstates=2, nodes=4)
+    exposition = Exposition(model.view, process=False)
+    encoder, _ = choose_encoder(accept)
+    for step in range(3):
+        view = model.view()
+        body, _ = exposition.render(accept)
+        assert body == encoder(registry(lambda v=view: v, process=False)), step
+        counts = {k: n + step + 1 for k, n in view.counts.items()}  # the kernel got busy: counters move
+        model.observe(model.snapshot, Aggregates(counts, dict(view.hist), 0))

@@ -109,25 +109,24 @@ class HvoCollector(Collector):
 
 
 class _ViewCollector(Collector):
-    """The families of one given view (what an encoder is handed to encode that view)."""
+    """Some families (one of SECTIONS) of one given view: what an encoder is handed."""
 
-    def __init__(self, view: ModelView) -> None:
+    def __init__(self, view: ModelView, section: Callable[[ModelView], Iterator[Metric]]) -> None:
         self._v = view
+        self._section = section
 
     def collect(self) -> Iterator[Metric]:
-        return families(self._v)
+        return self._section(self._v)
 
 
 def families(v: ModelView) -> Iterator[Metric]:
     """Every hvo_* family, computed from this one view."""
+    for section, _ in SECTIONS:
+        yield from section(v)
+
+
+def _runtime_families(v: ModelView) -> Iterator[Metric]:
     rt = v.runtime
-    order_name = {s.order: s.name for s in v.hstates}
-
-    def hstate(order: int) -> str:
-        if order < 0:  # aggregates.OTHER_ORDER: pages of an order no hstate has
-            return "other"
-        return order_name.get(order) or f"{(v.page_size << order) // 1024}kB"
-
     g = _gauge("hvo_build_info", ["version", "kernel", "mode"])
     g.add_metric([rt.version, rt.kernel, rt.mode], 1)
     yield g
@@ -144,6 +143,9 @@ def families(v: ModelView) -> Iterator[Metric]:
         g.add_metric([p.probe, p.event, p.mode], int(p.attached))
     yield g
 
+
+def _pool_families(v: ModelView) -> Iterator[Metric]:
+    """Per hstate and node: the bulk of a body on a host with many nodes."""
     pools = _gauge("hvo_hugepages", ["hstate", "node"])
     free = _gauge("hvo_hugepages_free", ["hstate", "node"])
     surplus = _gauge("hvo_hugepages_surplus", ["hstate", "node"])
@@ -174,6 +176,8 @@ def families(v: ModelView) -> Iterator[Metric]:
                                     p.optimized * freeable.get(p.hstate, 0) * v.page_size))
     yield saved
 
+
+def _reconcile_families(v: ModelView) -> Iterator[Metric]:
     if v.memmap_counters is not None:
         g = _gauge("hvo_memmap_pages", ["counter"])
         g.add_metric(["nr_memmap_pages"], v.memmap_counters[0])
@@ -200,6 +204,16 @@ def families(v: ModelView) -> Iterator[Metric]:
         g = _gauge(metric)
         g.add_metric([], value)
         yield g
+
+
+def _event_families(v: ModelView) -> Iterator[Metric]:
+    """Event counters and latency histograms: what changes while the kernel is busy."""
+    order_name = {s.order: s.name for s in v.hstates}
+
+    def hstate(order: int) -> str:
+        if order < 0:  # aggregates.OTHER_ORDER: pages of an order no hstate has
+            return "other"
+        return order_name.get(order) or f"{(v.page_size << order) // 1024}kB"
 
     c = CounterMetricFamily("hvo_events", METRICS["hvo_events_total"],
                             labels=["event", "hstate", "result"])
@@ -230,6 +244,18 @@ def families(v: ModelView) -> Iterator[Metric]:
     yield h
 
 
+# The families in sections, each with what it is computed from: Exposition re-encodes a section only
+# when that changed (a busy kernel moves the event counters, not the per-node pools). None: always.
+SECTIONS: tuple[tuple[Callable[[ModelView], Iterator[Metric]],
+                      Callable[[ModelView], object] | None], ...] = (
+    (_runtime_families, None),
+    (_pool_families, lambda v: (v.pools, v.hstates, v.page_size, v.expected_saved_pages,
+                                v.kernel_saved_pages)),
+    (_reconcile_families, None),
+    (_event_families, lambda v: (v.counts, v.hist, v.hstates, v.page_size, v.events_lost, v.resyncs)),
+)
+
+
 def registry(view: Callable[[], ModelView], process: bool = True) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(HvoCollector(view))
@@ -244,7 +270,9 @@ _MAX_BODIES = 8  # formats cached per generation (Accept headers may vary the ve
 
 class Exposition:
     """The body of GET /metrics for one model: its families encoded once per model generation and
-    format, the process metrics (CPU, memory, fds: they change all the time) encoded at each scrape."""
+    format, the process metrics (CPU, memory, fds: they change all the time) encoded at each scrape.
+    A new generation re-encodes only the SECTIONS whose inputs changed: while the kernel is busy the
+    event counters move at every aggregate read, the per-hstate/node pool families rarely."""
 
     def __init__(self, view: Callable[[], ModelView], process: bool = True) -> None:
         self._view = view
@@ -252,6 +280,7 @@ class Exposition:
         self._lock = threading.Lock()
         self._generation = -1
         self._bodies: dict[str, bytes] = {}  # content type -> the model's part of the body
+        self._sections: dict[tuple[str, int], tuple[object, bytes]] = {}  # (type, section) -> key, bytes
 
     def render(self, accept: str) -> tuple[bytes, str]:
         """(body, content type) for a request with this Accept header."""
@@ -262,7 +291,7 @@ class Exposition:
                 self._generation, self._bodies = v.generation, {}
             body = self._bodies.get(content_type) if v.generation == self._generation else None
         if body is None:
-            body = encoder(_ViewCollector(v))
+            body = self._encode(v, encoder, content_type)
             with self._lock:
                 if v.generation == self._generation:
                     if len(self._bodies) >= _MAX_BODIES:
@@ -273,3 +302,24 @@ class Exposition:
         if content_type.startswith("application/openmetrics-text"):  # one "# EOF" line, at the very end
             body = body.removesuffix(_OPENMETRICS_EOF)
         return body + encoder(self._process), content_type
+
+    def _encode(self, v: ModelView, encoder: Callable[[Collector], bytes], content_type: str) -> bytes:
+        openmetrics = content_type.startswith("application/openmetrics-text")
+        parts = []
+        for i, (section, inputs) in enumerate(SECTIONS):
+            key = inputs(v) if inputs is not None else None
+            with self._lock:
+                cached = self._sections.get((content_type, i)) if inputs is not None else None
+            if cached is not None and cached[0] == key:
+                parts.append(cached[1])
+                continue
+            part = encoder(_ViewCollector(v, section))
+            if openmetrics:
+                part = part.removesuffix(_OPENMETRICS_EOF)
+            if inputs is not None:
+                with self._lock:
+                    if len(self._sections) >= _MAX_BODIES * len(SECTIONS):
+                        self._sections.clear()
+                    self._sections[(content_type, i)] = (key, part)
+            parts.append(part)
+        return b"".join(parts) + (_OPENMETRICS_EOF if openmetrics else b"")
