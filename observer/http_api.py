@@ -39,6 +39,7 @@ instead of by a timer thread.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -326,6 +327,17 @@ class ApiServer(HTTPServer):
             log.exception("error while serving %s", self.peer(client_address))
 
 
+def _listening(path: Path) -> bool:
+    """Whether something accepts connections on the Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
 def _decrement(counts: Counter[str], key: str) -> None:
     """One less for ``key``, forgotten at zero (peers come and go: the counter must not grow)."""
     counts[key] -= 1
@@ -362,6 +374,8 @@ class UnixApiServer(ApiServer):
             self.path.parent.mkdir(mode=0o755)
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                if _listening(self.path):
+                    raise OSError(errno.EADDRINUSE, "another daemon is listening there")
                 os.unlink(self.path)  # left by a daemon that was killed
         self.socket.bind(str(self.path))  # nobody can connect before listen()
         st = os.stat(self.path)

@@ -222,3 +222,16 @@ def test_cli_client_reaches_a_tcp_api_behind_tls_and_basic_auth(certs: Path, has
             client.status()
         monkeypatch.setenv("HVO_OBSERVER_BASIC_AUTH", "prom:pw")
         assert client.status() == {"hstates": []}
+
+
+def test_a_second_server_does_not_take_a_live_socket(tmp_path: Path) -> None:
+    path = tmp_path / "api.sock"
+    with serving(UnixApiServer(path, Stub(), 4)):
+        with pytest.raises(OSError, match="another daemon is listening there"):
+            UnixApiServer(path, Stub(), 4)
+        assert unix_get(path, "/healthz") == (200, "ok\n")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # bound, never listening: what a killed daemon leaves
+    stale.close()
+    with serving(UnixApiServer(path, Stub(), 4)):
+        assert unix_get(path, "/healthz") == (200, "ok\n")
