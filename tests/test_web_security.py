@@ -346,3 +346,36 @@ def test_a_broken_web_config_keeps_the_running_one(web: Web, prometheus: Scrapin
     prometheus.wait_health("mtls", "up", since=time.time())
     web.use("plain", "plain HTTP, no basic auth")
     assert _tcp_get(web.d, "/metrics")[0] == 200
+
+
+def test_the_socket_group_uses_the_api(tmp_path: Path) -> None:
+    """api_socket_group: the daemon, a member of the group as the unit's SupplementaryGroups= makes
+    it (it keeps no CAP_CHOWN), gives the socket to it; a user in that group uses status/events, a
+    user outside it is refused; without membership the daemon stops in one line naming the key."""
+    import grp
+
+    skip_unless_possible()
+    group = grp.getgrnam("adm")  # a Debian base system group that nobody is not in
+    gid = group.gr_gid
+    with daemon(tmp_path, "--api-socket-group", group.gr_name,
+                wrapper=("setpriv", f"--groups={gid}", "--")) as d:
+        sock = str(d.api_socket)
+        st = os.stat(sock)
+        assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o777)) == (0, gid, "0o660")
+        member = ("setpriv", "--reuid=65534", "--regid=65534", f"--groups={gid}", "--inh-caps=-all", "--")
+        r = cli("status", "--json", "--daemon", sock, user=member)
+        assert r.returncode == 0 and json.loads(r.stdout)["source"] == "daemon", r.stderr
+        r = cli("events", "--json", "--daemon", sock, "--lines", "1", user=member)
+        assert r.returncode == 0, r.stderr
+        r = cli("events", "--daemon", sock, user=NOBODY)
+        assert r.returncode == 2 and r.stderr == (
+            f"hvo-observer: permission denied: {sock} (the daemon's API socket; its events show every task's "
+            f"pids and page frames): run as root or a member of group '{group.gr_name}'\n")
+    lone = Daemon(tmp_path, "--api-socket-group", group.gr_name)  # not a member
+    try:
+        assert lone.proc.wait(timeout=WAIT_S) == 2
+    finally:
+        lone.kill()
+    out = lone.full_output()
+    expected = f"hvo-observer: api_socket_group = '{group.gr_name}': cannot give {lone.api_socket} to that"
+    assert expected in out and "Traceback" not in out, out
