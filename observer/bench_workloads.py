@@ -92,7 +92,7 @@ class DaemonProcess:
             t0 = time.monotonic()
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "observer", "run", "--mode", self.mode, "--listen", "127.0.0.1:0",
-                 "--log-level", "warning"],
+                 "--api-socket", "", "--log-level", "warning"],  # no API socket: only /metrics is read
                 cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             try:
                 status = self._wait_ready(notify, t0)

@@ -359,6 +359,7 @@ class UnixApiServer(ApiServer):
                  mode: int = 0o660, gid: int = -1) -> None:
         self.path, self.mode, self.gid = path, mode, gid
         self._inode: tuple[int, int] | None = None
+        self._made_dir = False
         super().__init__(str(path), backend, max_clients, api=True, max_streams=max_streams)
         self._per_peer = max_clients  # every client is "local": no per-peer share
 
@@ -372,6 +373,7 @@ class UnixApiServer(ApiServer):
     def server_bind(self) -> None:
         if not self.path.parent.exists():  # run by hand: the unit's RuntimeDirectory= is not there
             self.path.parent.mkdir(mode=0o755)
+            self._made_dir = True
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 if _listening(self.path):
@@ -395,6 +397,9 @@ class UnixApiServer(ApiServer):
             st = os.lstat(self.path)
             if (st.st_dev, st.st_ino) == self._inode:  # ours, not a successor's
                 os.unlink(self.path)
+        if self._made_dir:
+            with contextlib.suppress(OSError):  # not empty: someone else's files stay
+                self.path.parent.rmdir()
 
 
 def _json(obj: object) -> bytes:

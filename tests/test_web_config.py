@@ -235,3 +235,10 @@ def test_a_second_server_does_not_take_a_live_socket(tmp_path: Path) -> None:
     stale.close()
     with serving(UnixApiServer(path, Stub(), 4)):
         assert unix_get(path, "/healthz") == (200, "ok\n")
+
+
+def test_a_missing_socket_directory_is_made_and_removed(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "api.sock"
+    with serving(UnixApiServer(path, Stub(), 4)):
+        assert unix_get(path, "/healthz") == (200, "ok\n")
+    assert not path.parent.exists()
