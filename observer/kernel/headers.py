@@ -107,7 +107,11 @@ def find_bcc_headers(
                 cache / "kernel-headers/*-amd64",
             )
         )
-        raise ObserverError(f"no kernel headers for bcc (searched {searched}): run scripts/setup")
+        raise ObserverError(
+            f"no kernel headers for bcc (searched {searched}): install linux-headers-{release}, or for a "
+            "kernel Debian has no headers package for, unpack the newest with "
+            "'python3 -m observer.kernel.headers --prepare' (in /usr/share/hvo-observer)"
+        )
     return choice
 
 
