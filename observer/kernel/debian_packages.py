@@ -202,6 +202,11 @@ def host_keyring(root: Path = Path("/")) -> Path:
 
 # --- a private apt state per suite ----------------------------------------------------------------
 
+# Frozen archive snapshots serve Release files past their Valid-Until date, which apt refuses unless
+# told otherwise. Callers that only unpack packages as fixtures (the test harness's guest kernels) may
+# accept them by setting this variable to 1; signatures are checked either way.
+ACCEPT_EXPIRED_ENV = "HVO_APT_ACCEPT_EXPIRED_RELEASE"
+
 
 class AptSuite:
     """apt for one Debian suite, with lists, cache and sources of its own under ``cache_dir()``.
@@ -244,6 +249,8 @@ class AptSuite:
             "Acquire::Languages": "none",
             "Acquire::Retries": "3",
         }
+        if os.environ.get(ACCEPT_EXPIRED_ENV) == "1":
+            opts["Acquire::Check-Valid-Until"] = "false"
         return [a for k, v in opts.items() for a in ("-o", f"{k}={v}")]
 
     def _sources_text(self) -> str:
