@@ -226,3 +226,10 @@ def test_live_prepare_headers_builds_one_merged_tree(tmp_path, monkeypatch):
     inode = tree.stat().st_ino
     assert dp.prepare_headers(suite, abi) == tree
     assert tree.stat().st_ino == inode  # cached, not rebuilt
+
+
+def test_expired_release_files_are_accepted_only_when_asked(monkeypatch):
+    monkeypatch.delenv(dp.ACCEPT_EXPIRED_ENV, raising=False)
+    assert "Acquire::Check-Valid-Until=false" not in dp.AptSuite("sid")._options()
+    monkeypatch.setenv(dp.ACCEPT_EXPIRED_ENV, "1")
+    assert "Acquire::Check-Valid-Until=false" in dp.AptSuite("sid")._options()
