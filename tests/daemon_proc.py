@@ -23,6 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,6 +109,8 @@ class Daemon:
         self.log_path = tmp / f"daemon-{self.port}.log"
         self.api_dir = Path(tempfile.mkdtemp(prefix="hvo-api-"))
         self.api_dir.chmod(0o755)
+        # removed by stop()/kill(), else when this object goes (or pytest exits): never left in /tmp
+        weakref.finalize(self, shutil.rmtree, self.api_dir, ignore_errors=True)
         self.api_socket = self.api_dir / "api.sock"
         cmd = [*wrapper, *UNIT_PRIVILEGES, sys.executable, *launcher, "run", "--mode", mode,
                "--listen", f"127.0.0.1:{self.port}", "--api-socket", str(self.api_socket), *extra]
