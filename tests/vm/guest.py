@@ -20,6 +20,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -139,6 +140,9 @@ class Guest:
     host files changed while the guest runs late: pass data through the share, or use "none".
     root: the tree shared as the guest's root (default the host's /; another tree, such as a pristine
     Debian root, gets neither the host's kernel modules nor the checkout).
+    memory: the ``-m`` option when more than a size is needed (e.g. "72320M,slots=2,maxmem=80G");
+    machine: the ``-machine`` option (e.g. "pc,max-ram-below-4g=2688M"); qemu_args: more QEMU options
+    (memory backends, -numa); qmp: a QMP socket for ``qmp()`` (memory hot-add).
     """
 
     def __init__(
@@ -159,6 +163,10 @@ class Guest:
         retries: int = 2,
         root_cache: str = "loose",
         root: Path = Path("/"),
+        memory: str | None = None,
+        machine: str | None = None,
+        qemu_args: Iterable[str] = (),
+        qmp: bool = False,
     ) -> None:
         self.kernel = kernel if isinstance(kernel, GuestKernel) else prepare_kernel(kernel)
         self.mem_mb, self.cpus, self.cmdline = mem_mb, cpus, cmdline
@@ -171,9 +179,11 @@ class Guest:
         self.boot_timeout = boot_timeout or (SYSTEMD_BOOT_TIMEOUT_S if systemd else BOOT_TIMEOUT_S)
         self.retries = retries
         self.root_cache = root_cache
+        self.memory, self.machine, self.qemu_args = memory, machine, tuple(qemu_args)
         self.root = Path(root)
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="hvo-guest-"))
+        self.qmp_path = self.workdir / "qmp.sock" if qmp else None
         self.share = self.workdir / "share"
         self.console_path = self.workdir / "console.log"
         self._ctl = self.workdir / "ctl"  # ctl.in: FIFO to the guest's ttyS1; ctl.out: what it writes back
@@ -329,6 +339,33 @@ class Guest:
             message = f"cannot hand command {self._n} to the guest: {e}"
             raise GuestError(message, self.console_tail()) from None
 
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        """One QMP command (the guest must have been made with qmp=True): its "return" value, or
+        GuestCommandError with QEMU's error."""
+        if self.qmp_path is None or not self.alive:
+            raise GuestError("no QMP socket (Guest(qmp=True)) or the guest is not running",
+                             self.console_tail())
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(60)
+            sock.connect(str(self.qmp_path))
+            f = sock.makefile("rw")
+
+            def reply() -> dict[str, Any]:
+                while True:
+                    msg = json.loads(f.readline())
+                    if "event" not in msg:
+                        return msg
+
+            reply()  # the greeting
+            msg: dict[str, Any] = {}
+            for cmd, args in (("qmp_capabilities", {}), (command, arguments)):
+                f.write(json.dumps({"execute": cmd, "arguments": args}) + "\n")
+                f.flush()
+                msg = reply()
+                if "error" in msg:
+                    raise GuestCommandError(f"QMP {cmd}: {msg['error']}", self.console_tail())
+            return msg.get("return")
+
     def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> str:
         try:
             text = self.console_path.read_text(errors="replace")
@@ -346,7 +383,10 @@ class Guest:
         return [
             QEMU, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-accel", "tcg,thread=multi", "-cpu", "max",
-            "-smp", str(self.cpus), "-m", str(self.mem_mb),
+            "-smp", str(self.cpus), "-m", self.memory or str(self.mem_mb),
+            *(("-machine", self.machine) if self.machine else ()),
+            *(("-qmp", f"unix:{_qemu_opt(self.qmp_path)},server=on,wait=off") if self.qmp_path else ()),
+            *self.qemu_args,
             "-kernel", str(self.kernel.vmlinuz), "-initrd", str(initramfs),
             "-append", " ".join(c for c in cmdline if c),
             "-chardev", f"file,id=con,path={_qemu_opt(self.console_path)}", "-serial", "chardev:con",
