@@ -127,9 +127,11 @@ class WebConfig:
 
 def load(path: Path) -> WebConfig:
     """The web config of ``path``; ObserverError naming the file and the key on any problem."""
-    import yaml
-
     where = f"web config file {path}"
+    try:
+        import yaml
+    except ImportError:
+        raise ObserverError(f"{where}: reading it needs PyYAML (apt-get install python3-yaml)") from None
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -281,6 +283,12 @@ def _headers(headers: Mapping[str, Any], where: str) -> tuple[tuple[str, str], .
 
 
 def _users(users: Mapping[str, Any], where: str) -> dict[str, bytes]:
+    if users:
+        try:
+            import bcrypt  # noqa: F401  (checked now, used at the first request)
+        except ImportError:
+            raise ObserverError(f"{where}: basic_auth_users needs bcrypt (Debian: apt-get install "
+                                "python3-bcrypt)") from None
     out = {}
     for user, hashed in users.items():
         if ":" in user or not user:
