@@ -184,3 +184,36 @@ def test_counter_deltas_without_the_hot_added_memmap(tmp_path: Path) -> None:
         f.write(f"{80 * GIB:x}-{81 * GIB - 1:x} : System RAM\n")
     live[0] = MemmapCounters(1000 + 4096 + 3 * 7, sections_of(RAM) * 512)
     assert read().total - (1000 + sections_of(RAM) * 512) == 3 * 7
+
+
+# Captured in a Debian 6.12 guest (tests/test_vm_bighost.py): 2 GiB blocks, RAM below 4 GiB ending at
+# 2,688 MiB, 2 GiB of memmap= pmem at 70 GiB; empty pools, so the counters are the whole vmemmap.
+BIGHOST = Path(__file__).parent / "fixtures/bighost-6.12"
+
+
+def test_captured_big_host_prediction_equals_the_kernel() -> None:
+    from observer.kernel import vmstat
+
+    root = BIGHOST / "calibrate"
+    layout = memory_blocks.read_memory_layout(root, "x86_64")
+    counters = vmstat.read_memmap_counters(root)
+    assert counters is not None and counters.total == 281_088
+    assert layout.block_size_bytes == 2 * GIB and {b.node for b in layout.blocks} == {0, 1}
+    assert geometry.baseline_memmap_pages(layout, 64, 4096) == counters.total
+    assert layout.online_bytes // 4096 * 64 // 4096 - counters.total == 5_632  # main 91c7916's formula
+    assert [name for _, name in layout.device_ranges] == ["Persistent Memory (legacy)"]
+
+
+def test_captured_big_host_after_fsdax_offline_online_and_hot_add() -> None:
+    from observer.kernel import vmstat
+
+    before = memory_blocks.read_memory_layout(BIGHOST / "calibrate", "x86_64")
+    root = BIGHOST / "hotadded"
+    layout = memory_blocks.read_memory_layout(root, "x86_64")
+    counters = vmstat.read_memmap_counters(root)
+    assert counters is not None
+    dimm = (2 * GIB // SECTION) * 512  # a 2 GiB DIMM: 16 sections of 512 memmap pages
+    assert geometry.baseline_memmap_pages(layout, 64, 4096) == 281_088 + dimm
+    assert counters.total - geometry.baseline_memmap_pages(layout, 64, 4096) == 8_192  # the fsdax memmap
+    assert layout.node_of_pfn(72 * GIB // 4096) == 1 and before.node_of_pfn(72 * GIB // 4096) is None
+    assert layout.change_key() != before.change_key() and layout.device_key != before.device_key
