@@ -267,7 +267,8 @@ class Daemon:
                 log.warning("probe %s (%s) not attached: %s", p.probe, p.event, p.reason)
         assert self.model is not None
         self.model.set_runtime(Runtime(__version__, self._facts.release, session.mode, session.mode_reason,
-                                       degraded, probes, degraded_reasons=tuple(session.degraded_reasons)))
+                                       degraded, probes, degraded_reasons=tuple(session.degraded_reasons),
+                                       nodes_known=session.nodes_known))
         log.info("probes: mode %s, %d/%d attached in %.1f s%s", session.mode, sum(p.attached for p in probes),
                  len(probes), session.startup_s, " (degraded)" if degraded else "")
         return session

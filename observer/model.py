@@ -85,6 +85,7 @@ class Runtime:
     probes: tuple[ProbeState, ...] = ()
     started_unix: float = field(default_factory=time.time)
     degraded_reasons: tuple[str, ...] = ()  # what the mode cannot see on this kernel (modes.mode_limits)
+    nodes_known: bool = True  # events carry their NUMA node (False: pfns unknown, see probes.page_pfn)
 
 
 @dataclass(frozen=True)

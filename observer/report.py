@@ -2,8 +2,8 @@
 
 Shape (bytes are bytes, pages are base pages; ``null`` where the kernel cannot tell):
 
-    {"version", "kernel", "mode", "mode_reason", "degraded", "degraded_reasons", "started_unix",
-     "uptime_seconds", "page_size", "hvo_enabled",
+    {"version", "kernel", "mode", "mode_reason", "degraded", "degraded_reasons", "nodes_known",
+     "started_unix", "uptime_seconds", "page_size", "hvo_enabled",
      "hstates": [{"name", "order", "freeable_vmemmap_pages", "eligible", "pages", "free", "surplus",
                   "optimized", "expected_saved_bytes",
                   "nodes": [{"node", "pages", "free", "surplus", "optimized", "expected_saved_bytes"}]}],
@@ -57,6 +57,7 @@ def view_to_json(v: ModelView) -> dict[str, Any]:
         "mode_reason": rt.mode_reason,
         "degraded": rt.degraded,
         "degraded_reasons": list(rt.degraded_reasons),
+        "nodes_known": rt.nodes_known,  # False: per-node optimized pages are the model's attribution
         "started_unix": rt.started_unix,
         "uptime_seconds": round(time.time() - rt.started_unix, 3),
         "page_size": v.page_size,

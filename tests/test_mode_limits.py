@@ -98,3 +98,32 @@ def test_explain_names_the_daemons_degraded_reasons() -> None:
     doc = {**_doc(), "degraded": True, "degraded_reasons": [why]}
     [finding] = [f for f in explain.Explainer(doc, FakeFacts()).report()["findings"] if f["id"] == "degraded"]
     assert why in finding["evidence"]
+
+
+def test_without_nodes_an_hstate_on_several_nodes_is_published_with_node_unknown() -> None:
+    """Events without a node (pfns unknown): hvo_optimized_hugepages and the per-node expected savings
+    must not split a multi-node hstate by a guessed node; pool sizes per node (sysfs) stay."""
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from exporters.prometheus.collector import registry
+    from observer.bench_workloads import simulated_model
+    from observer.model import Runtime
+
+    model = simulated_model(hstates=2, nodes=3)
+    model.set_runtime(Runtime("t", "6.18", "fentry", "", True, (), nodes_known=False))
+    view = model.view()
+    m: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    body = generate_latest(registry(lambda: view, process=False)).decode()
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            m.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    for h in ("2048kB", "1048576kB"):
+        optimized = {dict(k)["node"]: n for k, n in m["hvo_optimized_hugepages"].items()
+                     if dict(k)["hstate"] == h}
+        assert list(optimized) == ["unknown"], optimized
+        assert optimized["unknown"] == sum(p.optimized for p in view.pools if p.hstate == h)
+        pools = {dict(k)["node"] for k in m["hvo_hugepages"] if dict(k)["hstate"] == h}
+        assert pools == {"0", "1", "2"}
+    saved = {dict(k).get("node") for k in m["hvo_vmemmap_saved_bytes"]}
+    assert saved == {None, "unknown"}

@@ -34,7 +34,9 @@ METRICS: dict[str, str] = {
     "hvo_hugepages": "Huge pages in the pool (nr_hugepages, surplus pages included).",
     "hvo_hugepages_free": "Free huge pages in the pool (free_hugepages).",
     "hvo_hugepages_surplus": "Surplus huge pages in the pool (surplus_hugepages).",
-    "hvo_optimized_hugepages": "Huge pages whose vmemmap is optimized (HVO applied) right now.",
+    "hvo_optimized_hugepages": "Huge pages whose vmemmap is optimized (HVO applied) right now; "
+                               "node=\"unknown\" for an hstate with pages on several nodes when events "
+                               "carry no node (hvo_mode_degraded).",
     "hvo_vmemmap_freeable_pages": "vmemmap pages HVO frees per huge page of this hstate "
                                   "(the kernel's nr_free_vmemmap_pages).",
     "hvo_vmemmap_saved_bytes": "vmemmap memory HVO saves now. source=expected: optimized pages x freeable "
@@ -144,6 +146,25 @@ def _runtime_families(v: ModelView) -> Iterator[Metric]:
     yield g
 
 
+def _optimized_by_node(v: ModelView) -> list[tuple[str, str, int]]:
+    """(hstate, node, optimized pages). When events carry no node (pfns unknown), the pages of an
+    hstate that has pages on several nodes are one series with node="unknown": a per-node split would
+    be a guess. Pool sizes per node stay: sysfs gives them."""
+    if v.runtime.nodes_known:
+        return [(p.hstate, str(p.node), p.optimized) for p in v.pools]
+    spread: dict[str, int] = {}
+    for p in v.pools:
+        spread[p.hstate] = spread.get(p.hstate, 0) + (p.pages > 0)
+    out: list[tuple[str, str, int]] = []
+    unknown: dict[str, int] = {}
+    for p in v.pools:
+        if spread[p.hstate] > 1:
+            unknown[p.hstate] = unknown.get(p.hstate, 0) + p.optimized
+        else:
+            out.append((p.hstate, str(p.node), p.optimized))
+    return out + [(h, "unknown", n) for h, n in unknown.items()]
+
+
 def _pool_families(v: ModelView) -> Iterator[Metric]:
     """Per hstate and node: the bulk of a body on a host with many nodes."""
     pools = _gauge("hvo_hugepages", ["hstate", "node"])
@@ -155,7 +176,9 @@ def _pool_families(v: ModelView) -> Iterator[Metric]:
         pools.add_metric(labels, p.pages)
         free.add_metric(labels, p.free)
         surplus.add_metric(labels, p.surplus)
-        optimized.add_metric(labels, p.optimized)
+    by_node = _optimized_by_node(v)
+    for hstate, node, n in by_node:
+        optimized.add_metric([hstate, node], n)
     yield from (pools, free, surplus, optimized)
 
     g = _gauge("hvo_vmemmap_freeable_pages", ["hstate"])
@@ -171,9 +194,9 @@ def _pool_families(v: ModelView) -> Iterator[Metric]:
     if v.kernel_saved_pages is not None:
         saved.samples.append(Sample(name, {"source": "kernel"}, v.kernel_saved_pages * v.page_size))
     freeable = {s.name: s.freeable_pages for s in v.hstates}
-    for p in v.pools:
-        saved.samples.append(Sample(name, {"source": "expected", "hstate": p.hstate, "node": str(p.node)},
-                                    p.optimized * freeable.get(p.hstate, 0) * v.page_size))
+    for hstate, node, n in by_node:
+        saved.samples.append(Sample(name, {"source": "expected", "hstate": hstate, "node": node},
+                                    n * freeable.get(hstate, 0) * v.page_size))
     yield saved
 
 
@@ -250,7 +273,7 @@ SECTIONS: tuple[tuple[Callable[[ModelView], Iterator[Metric]],
                       Callable[[ModelView], object] | None], ...] = (
     (_runtime_families, None),
     (_pool_families, lambda v: (v.pools, v.hstates, v.page_size, v.expected_saved_pages,
-                                v.kernel_saved_pages)),
+                                v.kernel_saved_pages, v.runtime.nodes_known)),
     (_reconcile_families, None),
     (_event_families, lambda v: (v.counts, v.hist, v.hstates, v.page_size, v.events_lost, v.resyncs)),
 )

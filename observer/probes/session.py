@@ -98,6 +98,7 @@ class ProbeSession:
         self.mode: str | None = None
         self.mode_reason = ""
         self.degraded_reasons: list[str] = []  # what the mode cannot see on this kernel (modes.mode_limits)
+        self.nodes_known = True  # False when pfns (so nodes) of struct page pointers are unknown
         self.attachments: list[Attachment] = []
         self.probe_sets: list[ProbeSet] = []
         self.perfbuf = False
@@ -218,6 +219,7 @@ class ProbeSession:
 
         if vmemmap_base_problem(self.facts):  # pfns unknown: no node is better than a guessed one
             self._layout = None
+            self.nodes_known = False
             return []
         self._layout = _memory_layout(self.facts)
         if self._layout is None or not self._layout.blocks:
