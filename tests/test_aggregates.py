@@ -42,6 +42,7 @@ def _own_maps() -> list[dict[str, int]]:
     return list(maps.values())
 
 
+@pytest.mark.live
 def test_bpf_maps_fit_8_mib_at_384_possible_cpus() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root (BPF)")
