@@ -145,9 +145,9 @@ def web(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Iterator[Web]:
 
 def cli(*args: str, user: Sequence[str] = (), stdin: int | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "HVO_OBSERVER_ADDR"}
-    return subprocess.run([*user, sys.executable, "-m", "observer", *args], cwd="/", capture_output=True,
-                          text=True, timeout=WAIT_S, check=False, env={**env, "PYTHONPATH": str(REPO)},
-                          stdin=stdin)
+    return subprocess.run([*user, sys.executable, "-m", "observer", *args], cwd="/",  # runs: setpriv
+                          capture_output=True, text=True, timeout=WAIT_S, check=False,
+                          env={**env, "PYTHONPATH": str(REPO)}, stdin=stdin)
 
 
 def as_nobody(code: str) -> str:
@@ -227,7 +227,7 @@ class ScrapingPrometheus(Prometheus):
         }))  # fmt: skip
         self.log_path = tmp / "prometheus.log"
         self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # runs: prometheus
             [str(PROMETHEUS), f"--config.file={self.config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp,
