@@ -27,8 +27,8 @@ Bounded so that a misbehaving client cannot grow memory, pin threads or starve a
   when it starts, so readers that never read cannot starve /metrics;
 - one request per connection (HTTP/1.0); the request line and headers may take 16 KiB in total,
   and they and the TLS handshake must arrive within 5 s of the first byte (a slowloris client
-  dribbling bytes is cut off); sockets time out after 10 s of no progress in either direction; the stream reads the
-  shared event ring instead of queueing per client.
+  dribbling bytes is cut off); sockets time out after 10 s of no progress in either direction;
+  the stream reads the shared event ring instead of queueing per client.
 
 No thread is started per request (on a busy machine, waiting for a new thread to run cost a scrape
 tens of milliseconds at times): connections go to a pool of worker threads that grows on demand and
