@@ -40,11 +40,14 @@ METRICS: dict[str, str] = {
     "hvo_vmemmap_freeable_pages": "vmemmap pages HVO frees per huge page of this hstate "
                                   "(the kernel's nr_free_vmemmap_pages).",
     "hvo_vmemmap_saved_bytes": "vmemmap memory HVO saves now. source=expected: optimized pages x freeable "
-                               "pages (total, and per hstate/node); source=kernel: online memory's vmemmap "
-                               "minus nr_memmap_pages + nr_memmap_boot_pages (6.11+, global only).",
+                               "pages (total, and per hstate/node); source=kernel: the full vmemmap "
+                               "(hvo_memmap_unoptimized_pages) minus nr_memmap_pages + nr_memmap_boot_pages "
+                               "(6.11+, global only).",
     "hvo_memmap_pages": "The kernel's vmemmap counters from /proc/vmstat (6.11+).",
-    "hvo_memmap_unoptimized_pages": "vmemmap pages the online memory would use with nothing optimized "
-                                    "(online sections x vmemmap pages per section).",
+    "hvo_memmap_unoptimized_pages": "vmemmap pages with nothing optimized: present RAM sections (online or "
+                                    "offline) x vmemmap pages per section, calibrated against the kernel's "
+                                    "counters whenever the pools are empty (device memory included); absent "
+                                    "while unknown.",
     "hvo_reconcile_drift_bytes": "Expected minus kernel saved bytes at the last quiet moment (no event and "
                                  "no counter change for the settle window); 0 when the model is right.",
     "hvo_reconcile_pending_drift_bytes": "Expected minus kernel saved bytes right now; may be non-zero "
