@@ -3,9 +3,9 @@
 A machine where packages were once installed by hand hides a missing install step: the suite passes
 there and fails on a fresh Debian 12 machine. This test reads the code instead of trusting the
 machine: it collects the program of every ``subprocess``/``os.exec*`` call and every ``shutil.which``
-look-up in observer/, exporters/ and tests/ (statically, with the AST), finds the Debian package that
-ships each program, and requires that package to be in scripts/setup's PACKAGES or in Debian's
-required base system (what ``debootstrap --variant=minbase`` installs).
+look-up in observer/, exporters/ and tests/ (statically, with the AST) and of the units' Exec*=
+lines, finds the Debian package that ships each program, and requires that package to be in
+scripts/setup's PACKAGES or in Debian's required base system (``debootstrap --variant=minbase``).
 
 A call whose program cannot be read from the code (an argv built at run time, a wrapper's
 parameter) must say what it runs in a comment on the call: ``# runs: qemu-system-x86_64``.
@@ -220,9 +220,23 @@ def program_calls(path: Path, root: Path = REPO) -> list[Call]:
     return calls
 
 
+def unit_programs(path: Path, root: Path = REPO) -> list[Call]:
+    """The programs a systemd unit's Exec*= lines run, except the project's own entry point."""
+    calls = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip().startswith("Exec") or not value.strip():
+            continue
+        program = value.strip().lstrip("-+!@:").split()[0]
+        if Path(program).name != "hvo-observer":
+            calls.append(Call(f"{path.relative_to(root)}:{n}", program))
+    return calls
+
+
 def all_program_calls() -> list[Call]:
     files = sorted(p for d in SCANNED for p in (REPO / d).rglob("*.py") if "fixtures" not in p.parts)
-    return [c for f in files for c in program_calls(f)]
+    units = sorted((REPO / "systemd").glob("*.service"))
+    return [c for f in files for c in program_calls(f)] + [c for u in units for c in unit_programs(u)]
 
 
 def setup_packages() -> set[str]:
@@ -316,6 +330,15 @@ def test_the_scanner_reads_argv_literals_constants_and_declarations(tmp_path: Pa
         ("depmod", 12), ("depmod", 12), ("busybox", 13), (None, 14), ("qemu-system-x86_64", 15), ("ip", 16),
     ]
 
+
+
+def test_unit_exec_lines_name_their_programs(tmp_path: Path) -> None:
+    unit = tmp_path / "x.service"
+    unit.write_text("[Service]\nExecStartPre=-+/usr/bin/hvo-observer kernel-addresses\n"
+                    "ExecStart=/usr/bin/hvo-observer run\nExecReload=/bin/kill -HUP $MAINPID\n"
+                    "ExecStopPost=!/usr/sbin/bpftool prog\nEnvironment=X=1\n")
+    assert unit_programs(unit, tmp_path) == [Call("x.service:4", "/bin/kill"),
+                                             Call("x.service:5", "/usr/sbin/bpftool")]
 
 
 def test_a_program_setup_does_not_install_is_named_with_its_package() -> None:
