@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,28 +115,14 @@ class _Resolver:
             return {sys.executable}
         if isinstance(node, ast.BoolOp | ast.IfExp):
             parts = node.values if isinstance(node, ast.BoolOp) else [node.body, node.orelse]
-            out: set[str] = set()
-            for part in parts:
-                got = self.program(part, depth + 1)
-                if got is None:
-                    return None
-                out |= got
-            return out
+            return _union(parts, lambda part: self.program(part, depth + 1))
         if isinstance(node, ast.Call) and _is_which(node) and node.args:
             return self.program(node.args[0], depth + 1)
         wraps_one = isinstance(node, ast.Call) and len(node.args) == 1
         if wraps_one and isinstance(node.func, ast.Name) and node.func.id in ("str", "Path"):
             return self.program(node.args[0], depth + 1)
         named = self._named(node)
-        if named:
-            out = set()
-            for value in named:
-                got = self.program(value, depth + 1)
-                if got is None:
-                    return None
-                out |= got
-            return out
-        return None
+        return _union(named, lambda value: self.program(value, depth + 1)) if named else None
 
     def argv(self, node: ast.expr, depth: int = 0) -> set[str] | None:
         """Programs an argv expression (a list, a tuple, or a name bound to one) may start with."""
@@ -156,20 +143,24 @@ class _Resolver:
                 return None if got is None else out | got
             return out | {""}  # may be empty
         if isinstance(node, ast.IfExp):
-            a, b = self.argv(node.body, depth + 1), self.argv(node.orelse, depth + 1)
-            return None if a is None or b is None else a | b
+            return _union([node.body, node.orelse], lambda part: self.argv(part, depth + 1))
         named = self._named(node)
         if named:
-            out = set()
-            for value in named:
-                got = self.argv(value, depth + 1)
-                if got is None:
-                    return None
-                out |= got
-            return out
+            return _union(named, lambda value: self.argv(value, depth + 1))
         if isinstance(node, ast.Constant) and isinstance(node.value, str):  # shell=True command line
             return self.program(node, depth + 1)
         return None
+
+
+def _union(nodes: Iterable[ast.expr], resolve: Callable[[ast.expr], set[str] | None]) -> set[str] | None:
+    """All that ``resolve`` finds in ``nodes``; None when any of them does not tell."""
+    out: set[str] = set()
+    for node in nodes:
+        got = resolve(node)
+        if got is None:
+            return None
+        out |= got
+    return out
 
 
 def _is_which(call: ast.Call) -> bool:
