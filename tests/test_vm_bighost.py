@@ -52,8 +52,11 @@ QEMU_ARGS = (
     "-object", f"memory-backend-ram,id=m1,size={NODE_MB[1]}M,reserve=off",
     "-numa", "node,nodeid=0,memdev=m0", "-numa", "node,nodeid=1,memdev=m1",
 )
-# The top 2 GiB of RAM (70-72 GiB) become legacy pmem; the top 4 GiB of node 0 ZONE_MOVABLE.
-CMDLINE = "hugetlb_free_vmemmap=on memmap=2G!70G movablecore=4G"
+# The top 2 GiB of RAM (70-72 GiB) become legacy pmem; 8 GiB at the top of the nodes ZONE_MOVABLE (the
+# top of a node holds memblock allocations made at boot, which block offlining: the lowest block is used).
+# tsc=reliable: on a loaded host the clocksource watchdog of a TCG guest finds the TSC unstable at run
+# time, and the sid kernel's text patching for that (static keys) oopses under TCG ("Oops: int3").
+CMDLINE = "hugetlb_free_vmemmap=on memmap=2G!70G movablecore=8G tsc=reliable"
 DIMM_BYTES = 2 * GIB
 PAGES = 64
 RUN_TIMEOUT_S = 1500.0
