@@ -8,6 +8,7 @@ that only turn a hang into a failure message; nothing asserts on time.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
@@ -25,13 +26,15 @@ import urllib.error
 import urllib.request
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import IO
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from observer.kernel import hugepages, memory_blocks, sysctl, tracefs, vmstat
+from observer.kernel.kallsyms import ADDRESSES_FILE
 from tests import kernel_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +46,13 @@ LOCK = Path("/run/lock/hvo-observer-hugetlb.lock")
 WAIT_S = 120.0
 # The unit's privileges: root with only CAP_BPF and CAP_PERFMON (so no CAP_DAC_OVERRIDE either).
 UNIT_PRIVILEGES = ("setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all,+bpf,+perfmon", "--")
+# The kernel-addresses record made by the harness: ADDRESSES_LOCK (held briefly, exclusive) guards
+# making and removing it and lists what the harness created; every process whose daemons use the
+# record holds ADDRESSES_USERS shared until it exits, and the last one removes what the list names.
+ADDRESSES_LOCK = Path("/run/lock/hvo-observer-kernel-addresses.lock")
+ADDRESSES_USERS = Path("/run/lock/hvo-observer-kernel-addresses.users")
+_addresses_lock = threading.Lock()
+_addresses_held: list[IO[str]] = []  # ADDRESSES_USERS, open while this process uses the record
 
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
@@ -94,6 +104,73 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def record_kernel_addresses() -> None:
+    """What the unit runs before the daemon (``ExecStartPre=-+hvo-observer kernel-addresses --write
+    ADDRESSES_FILE``): the addresses /proc/kallsyms shows only to CAP_SYSLOG, which the daemon under
+    UNIT_PRIVILEGES lacks, recorded by root for this boot. Without them a daemon on a kernel that may
+    randomize its layout is rightly degraded (vmemmap_base unknown).
+
+    Once per process, kept until it exits (a record is valid for the whole boot); a record or
+    directory that existed before is left alone, what the harness made is removed by the last process
+    using it (another pytest session may still run daemons)."""
+    with _addresses_lock:
+        if _addresses_held:
+            return
+        record = Path(ADDRESSES_FILE)
+        ADDRESSES_LOCK.parent.mkdir(parents=True, exist_ok=True)
+        with ADDRESSES_LOCK.open("a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            users = ADDRESSES_USERS.open("a")
+            fcntl.flock(users, fcntl.LOCK_SH)  # an exclusive holder also holds ADDRESSES_LOCK: no wait
+            _addresses_held.append(users)
+            atexit.register(_release_kernel_addresses)
+            if record.exists():
+                return
+            lock.seek(0)
+            created = [ln for ln in lock.read().splitlines() if ln]
+            if not record.parent.exists():
+                record.parent.mkdir(mode=0o755)  # the unit's RuntimeDirectoryMode
+                created.append(str(record.parent))
+            created.insert(0, str(record))  # removed before its directory
+            _write_created(lock, created)
+            r = subprocess.run(
+                [sys.executable, "-m", "observer", "kernel-addresses", "--write", str(record)],
+                cwd=REPO, capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.fail(f"hvo-observer kernel-addresses (the unit's ExecStartPre) failed: "
+                            f"{(r.stderr or r.stdout).strip()}")
+
+
+def _write_created(lock: IO[str], created: list[str]) -> None:
+    lock.seek(0)
+    lock.truncate()
+    lock.write("".join(f"{path}\n" for path in dict.fromkeys(created)))
+    lock.flush()
+
+
+def _release_kernel_addresses() -> None:
+    """Stop using the record; the last user removes what the harness made."""
+    with _addresses_lock:
+        if not _addresses_held:
+            return
+        users = _addresses_held.pop()
+        with ADDRESSES_LOCK.open("a+") as lock, users:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            fcntl.flock(users, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # another process still uses it
+            lock.seek(0)
+            for path in map(Path, lock.read().splitlines()):
+                if path.is_dir():
+                    with suppress(OSError):  # not empty: someone else's files inside
+                        path.rmdir()
+                else:
+                    path.unlink(missing_ok=True)
+            _write_created(lock, [])
+
+
 class Daemon:
     """``python -m observer run`` with the unit's capabilities, on a free loopback port, its JSON API
     on a socket of its own (``api_socket``, in a short temporary directory: a socket path has at most
@@ -112,6 +189,7 @@ class Daemon:
         # removed by stop()/kill(), else when this object goes (or pytest exits): never left in /tmp
         weakref.finalize(self, shutil.rmtree, self.api_dir, ignore_errors=True)
         self.api_socket = self.api_dir / "api.sock"
+        record_kernel_addresses()
         cmd = [*wrapper, *UNIT_PRIVILEGES, sys.executable, *launcher, "run", "--mode", mode,
                "--listen", f"127.0.0.1:{self.port}", "--api-socket", str(self.api_socket), *extra]
         self.log = self.log_path.open("w")
