@@ -113,7 +113,7 @@ def deb_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("build")
     t0 = time.monotonic()
     run("git", "clone", "--quiet", REPO, work / "src")
-    run(work / "src" / "scripts" / "build-deb", work / "dist")
+    run(work / "src" / "scripts" / "build-deb", work / "dist")  # runs: dpkg-buildpackage
     debs = sorted((work / "dist").glob("hvo-observer_*_all.deb"))
     assert len(debs) == 1, debs
     print(f"\nbuilt {debs[0].name} from a clean clone in {time.monotonic() - t0:.1f} s")
@@ -132,7 +132,7 @@ def next_deb(deb_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                          f"  * Test upgrade.\n\n -- {stamp}\n\n{text}")
     run("git", "-C", work / "src", "-c", "user.name=test", "-c", "user.email=test@localhost",
         "commit", "--quiet", "-m", "next version", "debian/changelog")
-    run(work / "src" / "scripts" / "build-deb", work / "dist")
+    run(work / "src" / "scripts" / "build-deb", work / "dist")  # runs: dpkg-buildpackage
     return next(iter((work / "dist").glob(f"hvo-observer_{NEXT_VERSION}_all.deb")))
 
 

@@ -182,21 +182,76 @@ def _runs_program(call: ast.Call) -> str | None:
     return None
 
 
+def _argv_wrappers(tree: ast.AST) -> dict[str, ast.Call]:
+    """Functions of a file that run their ``*args`` as an argv (``def run(*argv): subprocess.run([*argv])``
+    or ``[str(a) for a in argv]``): name -> the subprocess call inside. Their callers name the program."""
+    found: dict[str, ast.Call] = {}
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) or fn.args.vararg is None:
+            continue
+        star = fn.args.vararg.arg
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Call) and _runs_program(node) == "argv" and node.args \
+                    and _starts_with(node.args[0], star):
+                found[fn.name] = node
+    return found
+
+
+def _program_list_wrappers(tree: ast.AST) -> dict[str, ast.Call]:
+    """Functions that look up or run each of their ``*args`` (``def need(*tools): for t in tools:
+    shutil.which(t)``): name -> the call inside. Each positional argument of a caller is a program."""
+    found: dict[str, ast.Call] = {}
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) or fn.args.vararg is None:
+            continue
+        for loop in ast.walk(fn):
+            if not (isinstance(loop, ast.For) and isinstance(loop.iter, ast.Name)
+                    and loop.iter.id == fn.args.vararg.arg and isinstance(loop.target, ast.Name)):
+                continue
+            for node in ast.walk(loop):
+                if isinstance(node, ast.Call) and _runs_program(node) == "program" and node.args \
+                        and isinstance(node.args[0], ast.Name) and node.args[0].id == loop.target.id:
+                    found[fn.name] = node
+    return found
+
+
+def _starts_with(argv: ast.expr, name: str) -> bool:
+    """Whether an argv expression starts with the items of the variable ``name``."""
+    if isinstance(argv, ast.Name):
+        return argv.id == name
+    if isinstance(argv, ast.ListComp):
+        return isinstance(argv.generators[0].iter, ast.Name) and argv.generators[0].iter.id == name
+    if isinstance(argv, ast.List | ast.Tuple) and argv.elts:
+        first = argv.elts[0]
+        return isinstance(first, ast.Starred) and isinstance(first.value, ast.Name) and first.value.id == name
+    return False
+
+
 def program_calls(path: Path, root: Path = REPO) -> list[Call]:
     """The programs that one Python file runs or looks up (``where`` relative to ``root``)."""
     text = path.read_text()
     tree = ast.parse(text, filename=str(path))
     lines = text.splitlines()
     resolver = _Resolver(path, root, tree)
+    wrappers = _argv_wrappers(tree)
+    lists = _program_list_wrappers(tree)
+    inside_wrappers = {id(call) for call in (*wrappers.values(), *lists.values())}
     rel = path.relative_to(root)
     calls: list[Call] = []
     for node in ast.walk(tree):
-        if not isinstance(node, ast.Call):
+        if not isinstance(node, ast.Call) or id(node) in inside_wrappers:
             continue
         kind = _runs_program(node)
+        if kind is None and isinstance(node.func, ast.Name) and node.func.id in (*wrappers, *lists):
+            kind = "program"
         if kind is None:
             continue
         where = f"{rel}:{node.lineno}"
+        if isinstance(node.func, ast.Name) and node.func.id in lists:
+            for arg in node.args:
+                got = resolver.program(arg)
+                calls += [Call(where, None)] if got is None else [Call(where, p) for p in sorted(got)]
+            continue
         span = lines[node.lineno - 1:(node.end_lineno or node.lineno)]
         declared = [m.group(1).split() for line in span if (m := RUNS.search(line))]
         if declared:
@@ -313,12 +368,22 @@ def test_the_scanner_reads_argv_literals_constants_and_declarations(tmp_path: Pa
         "        subprocess.run(argv)\n"
         "        subprocess.run(argv)  # runs: qemu-system-x86_64\n"
         "        os.execvp('ip', ['ip', 'link'])\n"
+        "def run(*argv, **kw):\n"
+        "    return subprocess.run([str(a) for a in argv], **kw)\n"
+        "run('git', 'clone')\n"
+        "run(Path('x') / 'build-deb')  # runs: dpkg-buildpackage\n"
+        "def need(*tools):\n"
+        "    for tool in tools:\n"
+        "        if shutil.which(tool) is None:\n"
+        "            raise SystemExit(tool)\n"
+        "need('lintian', 'piuparts')\n"
     )
     calls = sorted(((c.program, int(c.where.rsplit(":", 1)[1])) for c in program_calls(src, tmp_path)),
                    key=lambda c: (c[1], c[0] or ""))
     assert calls == [
         ("mount", 8), ("tmux", 9), (sys.executable, 11), ("setpriv", 11), ("/usr/sbin/depmod", 12),
         ("depmod", 12), ("depmod", 12), ("busybox", 13), (None, 14), ("qemu-system-x86_64", 15), ("ip", 16),
+        ("git", 19), ("dpkg-buildpackage", 20), ("lintian", 25), ("piuparts", 25),
     ]
 
 
