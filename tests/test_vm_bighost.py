@@ -5,16 +5,18 @@ Guest (QEMU TCG, sparse RAM: memory backends with reserve=off cost the host only
 70.6 GiB of RAM on 2 NUMA nodes, RAM below 4 GiB ending at 2,688 MiB (inside the second 2 GiB
 memory block), 2 GiB memory blocks (the kernel picks them: 64 GiB or more, RAM ending 2 GiB-aligned),
 ZONE_MOVABLE (movablecore=), 2 GiB of legacy pmem (memmap=) turned into fsdax, a 2 GiB pc-dimm
-hot-added over QMP. tests/vm_guest_scripts/bighost.py drives the steps and records both sides.
+hot-added over QMP during a pool grow and unplugged again at the end.
+tests/vm_guest_scripts/bighost.py drives the steps and records both sides.
 
 Truth, computed here and not from the product's formula: at empty pools the kernel holds no
 optimized page, so its counters (nr_memmap_pages + nr_memmap_boot_pages) ARE the full vmemmap. It
-is read at the steps with empty pools (calibrate, fsdax, offline, shrink); the hot-add adds the
-memmap of the DIMM (its size / 4 KiB x 64 bytes of struct page). Saved pages = full - counters;
+is read at the steps with empty pools (calibrate, fsdax, offline, shrink, hotremove); the hot-add
+adds the memmap of the DIMM (its size / 4 KiB x 64 bytes of struct page), the unplug takes it away
+(and the kernel's counters at empty pools must agree). Saved pages = full - counters;
 with HVO on for every page the saved pages must equal every pool page optimized, so the truth per
 hstate and node is the pool. After every step the daemon's pools, optimized pages per hstate and
 node, kernel and expected saved bytes must equal it, drift 0, no resync, no lost record, and exactly
-the events the step caused (none for calibrate, fsdax, offline, online).
+the events the step caused (none for calibrate, fsdax, offline, online, hotremove).
 
 The old formula (online blocks x vmemmap per block) is computed from the guest's layout at every
 step and must differ from the truth at some step, or this profile would not test the fix.
@@ -59,10 +61,10 @@ QEMU_ARGS = (
 CMDLINE = "hugetlb_free_vmemmap=on memmap=2G!70G movablecore=8G tsc=reliable"
 DIMM_BYTES = 2 * GIB
 PAGES = 64
+STEPS = ("calibrate", "fsdax", "offline", "grow", "online", "hotadd", "shrink", "hotremove")
 RUN_TIMEOUT_S = 1500.0
 KNOWN_KERNEL_BUGS = {"6.12": ("Bad page state", "static_key_dec_not_one", "WARNING: CPU"),
                      "sid": ("Bad page state", "WARNING: CPU")}
-NO_EVENTS = ("calibrate", "fsdax", "offline", "online")
 
 
 def _need_qemu() -> None:
@@ -72,21 +74,25 @@ def _need_qemu() -> None:
         pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
 
 
-def _serve_hotadd(g: Any, stop: threading.Event, answers: list[str]) -> None:
-    """Hot-add the DIMM when the guest script asks for it (a request file in its output directory)."""
+def _serve_hotplug(g: Any, stop: threading.Event, answers: list[str]) -> None:
+    """Hot-add or unplug the DIMM when the guest script asks (a request file in its output directory)."""
+    actions = {
+        "hotadd": lambda: (g.qmp("object-add", **{"qom-type": "memory-backend-ram", "id": "hp1",
+                                                  "size": DIMM_BYTES, "reserve": False}),
+                           g.qmp("device_add", driver="pc-dimm", id="dimm1", memdev="hp1", node=1), "added"),
+        "hotremove": lambda: (g.qmp("device_del", id="dimm1"), "removed"),
+    }
     while not stop.is_set():
-        for req in (g.share / "cmd").glob("*/hotadd.request"):
-            done = req.with_name("hotadd.done")
-            if done.exists():
-                continue
-            try:
-                g.qmp("object-add", **{"qom-type": "memory-backend-ram", "id": "hp1", "size": DIMM_BYTES,
-                                       "reserve": False})
-                g.qmp("device_add", driver="pc-dimm", id="dimm1", memdev="hp1", node=1)
-                answers.append("added")
-            except Exception as e:  # recorded for the guest and the judge
-                answers.append(f"failed: {e}")
-            done.write_text(answers[-1] + "\n")
+        for name, action in actions.items():
+            for req in (g.share / "cmd").glob(f"*/{name}.request"):
+                done = req.with_name(f"{name}.done")
+                if done.exists():
+                    continue
+                try:
+                    answers.append(action()[-1])
+                except Exception as e:  # recorded for the guest and the judge
+                    answers.append(f"failed: {e}")
+                done.write_text(answers[-1] + "\n")
         stop.wait(0.05)
 
 
@@ -98,7 +104,7 @@ def _in_guest(kernel: Any, workdir: Path) -> tuple[dict[str, Any], str, str]:
                workdir=workdir) as g:
         boot = f"boot {g.boot_s:.0f} s ({g.attempts} attempt(s))"
         stop, answers = threading.Event(), []
-        server = threading.Thread(target=_serve_hotadd, args=(g, stop, answers), daemon=True)
+        server = threading.Thread(target=_serve_hotplug, args=(g, stop, answers), daemon=True)
         server.start()
         try:
             r = g.run(f"{PYTHON} {REPO}/tests/vm_guest_scripts/bighost.py $HVO_OUT/out.json "
@@ -208,7 +214,7 @@ def test_big_host_layout_books_match_the_kernel_after_every_step(
     print(f"\n{res['release']} big host: {timings}, daemon ready {res['ready_s']} s, "
           f"script {res['total_s']} s")
     names = [s["name"] for s in res["steps"]]
-    assert names == ["calibrate", "fsdax", "offline", "grow", "online", "hotadd", "shrink"], names
+    assert names == list(STEPS), names
     layout = res["boot_layout"]
     assert int(layout["block_size_bytes"], 16) == 2 * GIB, layout["block_size_bytes"]
     nodes = {b["node"] for b in layout["blocks"].values()}
@@ -228,8 +234,13 @@ def test_big_host_layout_books_match_the_kernel_after_every_step(
             full += DIMM_BYTES // PAGE * STRUCT_PAGE // PAGE
             if step["detail"]["host"].strip() != "added" or not step["detail"]["new_blocks"]:
                 bad.append(f"hotadd: {step['detail']}")
+        if step["name"] == "hotremove":
+            assert full is not None
+            full -= DIMM_BYTES // PAGE * STRUCT_PAGE // PAGE
+            if step["detail"]["host"].strip() != "removed" or not step["detail"]["removed"]:
+                bad.append(f"hotremove: {step['detail']}")
         if _empty(k):
-            if full is not None and step["name"] in ("offline", "shrink") and _total(k) != full:
+            if full is not None and step["name"] in ("offline", "shrink", "hotremove") and _total(k) != full:
                 bad.append(f"{step['name']}: empty pools, yet the kernel's vmemmap is {_total(k)} pages, "
                            f"the truth carried over says {full}")
             full = _total(k)  # nothing optimized: the counters are the whole vmemmap

@@ -14,6 +14,7 @@ legacy pmem from ``memmap=``) starts with empty pools. Steps:
   hotadd      a 2 GiB DIMM is hot-added (by the host, over QMP, asked for through OUT's directory)
               while the 2 MiB pool grows by N more
   shrink      both pools back to 0
+  hotremove   the DIMM's blocks offlined and the DIMM unplugged (QMP device_del, by the host)
 Per step the kernel side is what /proc and sysfs say (pools per hstate and node, vmemmap counters,
 the memory layout as files, for the host to compute its truth from); the daemon side is one
 /metrics scrape at a quiet moment that matches the kernel's pools and counters.
@@ -210,6 +211,8 @@ def hotadd_during_grow(out_dir: Path, pages: int) -> dict[str, Any]:
     """Ask the host for the DIMM (a file in the share), grow the 2 MiB pool meanwhile, and wait for
     the new memory to be online."""
     blocks = {p.name for p in MEMORY.glob("memory[0-9]*")}
+    # ZONE_MOVABLE, so that the DIMM can be offlined and removed again (hotremove)
+    (MEMORY / "auto_online_blocks").write_text("online_movable")
     (out_dir / "hotadd.request").write_text("1\n")
     grown: dict[str, int] = {}
     t = threading.Thread(target=lambda: grown.update(grow(pages, 0)))
@@ -229,6 +232,18 @@ def hotadd_during_grow(out_dir: Path, pages: int) -> dict[str, Any]:
             (MEMORY / b / "state").write_text("online")
     host = (out_dir / "hotadd.done").read_text() if (out_dir / "hotadd.done").exists() else "no answer"
     return {"new_blocks": sorted(new), "grown": grown, "host": host}
+
+
+def hotremove(out_dir: Path, added: list[str]) -> dict[str, Any]:
+    """Offline the DIMM's blocks, ask the host to unplug it (QMP device_del), wait for them to go."""
+    for b in added:
+        (MEMORY / b / "state").write_text("offline")
+    (out_dir / "hotremove.request").write_text("1\n")
+    deadline = time.monotonic() + 300
+    while any((MEMORY / b).exists() for b in added) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    host = (out_dir / "hotremove.done").read_text() if (out_dir / "hotremove.done").exists() else "no answer"
+    return {"removed": [b for b in added if not (MEMORY / b).exists()], "host": host}
 
 
 def shrink() -> dict[str, Any]:
@@ -263,6 +278,8 @@ def main() -> int:
             step(d, result, args.out, "online", lambda: online(blocks[0]))
             step(d, result, args.out, "hotadd", lambda: hotadd_during_grow(args.out.parent, args.pages))
             step(d, result, args.out, "shrink", shrink)
+            added = next(s["detail"]["new_blocks"] for s in result["steps"] if s["name"] == "hotadd")
+            step(d, result, args.out, "hotremove", lambda: hotremove(args.out.parent, added))
         finally:
             dump_events(d, args.out.with_name("events.json"))
         result["stop_code"] = d.stop()
