@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import http.client
 import mmap
 import os
@@ -23,29 +22,23 @@ from pathlib import Path
 from typing import Any
 
 from observer.errors import ObserverError
+from observer.kernel import hugepages
 
 REPO = Path(__file__).resolve().parents[1]
 H2M = "2048kB"
-# The lock the live tests take around pool changes: a bench never resizes pools under a test.
-POOL_LOCK = Path("/run/lock/hvo-observer-hugetlb.lock")
 READY_TIMEOUT_S = 300.0  # compiling under QEMU TCG takes most of a minute
 
 
 @contextlib.contextmanager
 def pool_lock() -> Iterator[str]:
-    """Hold the pool lock; yields a note when it could not be taken (read-only /run, e.g. in a guest)."""
-    try:
-        POOL_LOCK.parent.mkdir(parents=True, exist_ok=True)
-        f = POOL_LOCK.open("w")
-    except OSError as e:
-        yield f"pool lock {POOL_LOCK} unavailable ({e.strerror}): not serialised with tests"
-        return
-    with f:
+    """Hold the pools lock the live tests take (a bench never resizes pools under a test); yields a
+    note when it could not be taken."""
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for {POOL_LOCK} (a test or another bench is resizing pools)", file=sys.stderr)
-            fcntl.flock(f, fcntl.LOCK_EX)
+            stack.enter_context(hugepages.pools_lock())
+        except ObserverError as e:
+            yield f"{e}: not serialised with tests"
+            return
         yield ""
 
 

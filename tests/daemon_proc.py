@@ -41,8 +41,6 @@ REPO = Path(__file__).resolve().parents[1]
 H2M, H1G = "2048kB", "1048576kB"
 FREE = {H2M: 7, H1G: 4095}
 PAGE = 4096
-# Live tests change the same pools: run one at a time, across pytest sessions too.
-LOCK = Path("/run/lock/hvo-observer-hugetlb.lock")
 WAIT_S = 120.0
 # The unit's privileges: root with only CAP_BPF and CAP_PERFMON (so no CAP_DAC_OVERRIDE either).
 UNIT_PRIVILEGES = ("setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all,+bpf,+perfmon", "--")
@@ -76,23 +74,11 @@ def skip_unless_possible() -> None:
 
 
 @contextmanager
-def exclusive_pools() -> Iterator[None]:
-    """Wait for other live tests that take the same lock (unless kernel_state takes it itself)."""
-    if hasattr(kernel_state, "LOCK"):
-        yield
-        return
-    LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with LOCK.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-@contextmanager
 def empty_pools() -> Iterator[None]:
     """Exclusive use of the pools, both emptied; pools and sysctl restored afterwards."""
     skip_unless_possible()
     tracefs.ensure_tracefs()  # what sys-kernel-tracing.mount does for the unit (the daemon may not mount)
-    with exclusive_pools(), kernel_state.restored_kernel_state():
+    with kernel_state.restored_kernel_state():
         hugepages.set_nr_hugepages(H2M, 0)
         hugepages.set_nr_hugepages(H1G, 0)
         yield

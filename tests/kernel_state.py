@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import fcntl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from observer.kernel import hugepages, sysctl
 
-# Live tests change the same pools: one at a time, across pytest sessions and developers too.
-LOCK = Path("/run/lock/hvo-observer-hugetlb.lock")
+# Live tests change the same pools: one at a time, across pytest sessions, chroots and developers too
+# (hugepages.pools_lock). Re-entrant within one thread here.
 _held = threading.local()
 
 
 @contextmanager
 def _pools_lock() -> Iterator[None]:
-    """The machine-wide pools lock, re-entrant within one thread (flock on a second open file
-    description of the same file would wait for ourselves)."""
+    """The machine-wide pools lock, re-entrant within one thread (a second flock of the same
+    directory would wait for ourselves)."""
     depth = getattr(_held, "depth", 0)
     if depth:
         _held.depth = depth + 1
@@ -27,9 +25,7 @@ def _pools_lock() -> Iterator[None]:
         finally:
             _held.depth -= 1
         return
-    LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with LOCK.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with hugepages.pools_lock():
         _held.depth = 1
         try:
             yield

@@ -3,7 +3,9 @@ on malformed input, and live against the running kernel."""
 
 from __future__ import annotations
 
+import fcntl
 import gzip
+import os
 from pathlib import Path
 
 import pytest
@@ -167,3 +169,25 @@ def test_live_readers_agree_with_the_running_kernel() -> None:
     assert vmstat.read_memmap_counters(root) is not None  # this host runs 6.18
     assert tracefs.event_exists("kmem", "mm_page_alloc") or tracefs.ensure_tracefs()
     assert Kallsyms.read(root).resolve("hugetlb_vmemmap_restore_folio")
+
+
+def test_pools_lock_is_held_across_roots_that_share_sysfs(tmp_path: Path) -> None:
+    """Two roots (a chroot, a container) see the same sysfs directory, so the lock taken in one
+    makes the other wait; a lock file under each root's own /run would not."""
+    (tmp_path / "sys/kernel/mm").mkdir(parents=True)
+    (tmp_path / "sys/kernel/mm/hugepages").mkdir()
+    other_root = tmp_path / "chroot"
+    (other_root / "sys/kernel/mm").mkdir(parents=True)
+    (other_root / "sys/kernel/mm/hugepages").symlink_to(tmp_path / "sys/kernel/mm/hugepages")
+    with hugepages.pools_lock(tmp_path):
+        fd = os.open(other_root / "sys/kernel/mm/hugepages", os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    fd = os.open(other_root / "sys/kernel/mm/hugepages", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+    finally:
+        os.close(fd)

@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,3 +116,29 @@ def by_name(hstates: list[Hstate], name: str) -> Hstate:
             return h
     have = ", ".join(h.name for h in hstates) or "none"
     raise KernelFactError(f"no hstate {name!r}; this kernel has {have}")
+
+
+@contextlib.contextmanager
+def pools_lock(root: Path = ROOT) -> Iterator[None]:
+    """Hold the machine-wide lock of whoever resizes pools on purpose (the live tests, the bench).
+
+    The lock is an flock on the sysfs directory of the pools itself: every mount namespace, chroot
+    or container on this kernel that can see the pools sees that same directory, so two runs in
+    different roots wait for each other, which a lock file under /run would not do. Waits, saying so
+    on stderr, while another holder has it. Not re-entrant: a second open of the directory would wait
+    for ourselves.
+    """
+    path = under(root, HUGEPAGES)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ObserverError(f"cannot open {path} to lock the pools: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for the pools lock ({path}): a test or a bench resizes pools", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
