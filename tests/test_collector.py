@@ -73,7 +73,8 @@ def served() -> Iterator[tuple[ApiServer, Backend]]:
     )))
     model.take_baseline(snapshot(16, 16, 1, 1))  # a full pool before the daemon started
     backend = Backend(model)
-    server = ApiServer(("127.0.0.1", 0), backend, max_clients=4)
+    # the JSON API on the TCP listener too (the config's tcp_api; by default it is on the Unix socket only)
+    server = ApiServer(("127.0.0.1", 0), backend, max_clients=4, api=True)
     server.start()
     try:
         yield server, backend
@@ -266,11 +267,14 @@ def test_requests_start_no_thread_each(served: tuple[ApiServer, Backend],
 def test_clients_beyond_the_limit_get_503_and_the_server_recovers(served: tuple[ApiServer, Backend]) -> None:
     server, _ = served
     idle = []
-    for _ in range(4):  # max_clients: connections that never send a request hold their slot
+    # max_clients (one peer gets 3 of the 4): a connection holds a slot once its request has begun (one
+    # that has sent nothing waits for its first byte without one), until the header deadline
+    for _ in range(4):
         s = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10)
+        s.sendall(b"GET /healthz HTTP/1.1\r\n")
         idle.append(s)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + http_api.HEADER_DEADLINE_S - 1
         status = 0
         while status != 503 and time.monotonic() < deadline:  # accepted in the server thread's own time
             status = get(server, "/healthz")[0]
