@@ -334,12 +334,17 @@ def _scrape_hostile(plan: Plan) -> Figure:
             for _ in range(plan.scrapes):
                 t0 = time.perf_counter()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                conn.request("GET", "/metrics")
-                r = conn.getresponse()
-                r.read()
-                conn.close()
+                try:
+                    conn.request("GET", "/metrics")
+                    r = conn.getresponse()
+                    r.read()
+                    status = r.status
+                except (OSError, http.client.HTTPException):
+                    status = 0  # closed or broken without an answer
+                finally:
+                    conn.close()
                 times.append(time.perf_counter() - t0)
-                statuses[r.status] = statuses.get(r.status, 0) + 1
+                statuses[status] = statuses.get(status, 0) + 1
         finally:
             hostile.kill()
             hostile.wait()

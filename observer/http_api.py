@@ -20,7 +20,8 @@ Bounded so that a misbehaving client cannot grow memory, pin threads or starve a
 
 - a connection that has sent nothing yet costs a file descriptor, not a thread or a slot: the accept
   loop keeps it in a selector until its first byte, for at most 5 s; at most ``PENDING_PER_PEER`` of
-  them per peer address and ``PENDING_MAX`` in all, the oldest evicted first;
+  them per peer address and ``PENDING_MAX`` in all, the oldest evicted first (served instead when its
+  request has begun meanwhile);
 - at most ``max_clients`` requests are served at once (more get 503 and are closed), one peer
   address taking at most three quarters of them (TCP);
 - event streams have a budget of their own (``max_streams``): a stream gives its request slot back
@@ -232,13 +233,20 @@ class ApiServer(HTTPServer):
                 return
             peer = self.peer(addr)
             victim = None
-            if peers[peer] >= PENDING_PER_PEER:  # the peer's oldest waiting connection goes
+            if peers[peer] >= PENDING_PER_PEER:  # the peer's oldest waiting connection makes room
                 victim = next(c for c, (a, _) in pending.items() if self.peer(a) == peer)
             elif len(pending) >= PENDING_MAX:
                 victim = next(iter(pending))
             if victim is not None:
+                victim_addr = pending[victim][0]
                 drop(victim)
-                self.shutdown_request(victim)
+                # One whose request has begun since the selector last looked is no idler: it is served.
+                # (A burst of connections from its peer, e.g. a local user's while Prometheus scrapes
+                # over the same loopback address, must not close a scrape that has sent its request.)
+                if _has_data(victim):
+                    self._dispatch(victim, victim_addr)
+                else:
+                    self.shutdown_request(victim)
             conn.setblocking(True)
             pending[conn] = (addr, time.monotonic() + HEADER_DEADLINE_S)
             peers[peer] += 1
@@ -336,6 +344,14 @@ def _listening(path: Path) -> bool:
         except OSError:
             return False
         return True
+
+
+def _has_data(conn: socket.socket) -> bool:
+    """Whether bytes wait unread on ``conn`` (not EOF), without reading them."""
+    try:
+        return bool(conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # BlockingIOError: nothing yet; others: a broken connection
+        return False
 
 
 def _decrement(counts: Counter[str], key: str) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import select
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -242,3 +244,32 @@ def test_a_missing_socket_directory_is_made_and_removed(tmp_path: Path) -> None:
     with serving(UnixApiServer(path, Stub(), 4)):
         assert unix_get(path, "/healthz") == (200, "ok\n")
     assert not path.parent.exists()
+
+
+def test_a_local_flood_of_idle_connections_does_not_close_a_scrape() -> None:
+    """A local user who keeps reconnecting far more idle connections than a peer may hold shares the
+    loopback address with a local Prometheus: evicting that peer's oldest idle connection must never
+    close a scrape whose request has already arrived."""
+    with serving(ApiServer(("127.0.0.1", 0), Stub(), 16)) as s:
+        port = s.server_address[1]
+        stop = threading.Event()
+
+        def flood() -> None:
+            idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
+            while not stop.is_set():
+                for c in select.select(idle, [], [], 0.05)[0]:  # closed by the server: come back
+                    idle.remove(c)
+                    c.close()
+                    idle.append(socket.create_connection(("127.0.0.1", port)))
+            for c in idle:
+                c.close()
+
+        flooder = threading.Thread(target=flood, daemon=True)
+        flooder.start()
+        try:
+            time.sleep(0.5)
+            answers = [get(port, "/metrics")[0] for _ in range(300)]
+        finally:
+            stop.set()
+            flooder.join(10)
+        assert answers == [200] * 300
