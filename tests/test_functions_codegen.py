@@ -9,10 +9,10 @@ import re
 
 import pytest
 
-from observer.kernel import debian_packages
 from observer.probes import functions as F
 from observer.probes.page_pfn import DEFAULT_VMEMMAP_BASE
 from tests.function_fixtures import RELEASES, load
+from tests.vm.kernels import prepare_kernel
 
 BPF_FUNCS = set(re.findall(r"^static __always_inline \w+ (hvo_fn_\w+)\(", F.BPF_SOURCE.read_text(), re.M))
 
@@ -82,9 +82,8 @@ def test_bcc_compiles_the_text_without_indirect_calls(
     """Compile (bcc + the kernel's Debian headers) without loading; every map call must have been
     rewritten into a helper call: an indirect call (opcode 0x8d) is what the kernel then rejects."""
     bcc = pytest.importorskip("bcc", reason="bcc (Debian's python3-bpfcc) is not importable: scripts/setup")
-    tree = debian_packages.cache_dir() / "kernel-headers" / RELEASES[kernel]
-    if not (tree / "Makefile").is_file():
-        pytest.skip(f"no headers for {RELEASES[kernel]} in {tree.parent} (the VM tests' kernel cache)")
+    # The Debian headers of that kernel's suite, fetched into the VM tests' cache when not there yet.
+    tree = prepare_kernel(kernel).headers
     monkeypatch.setenv("BCC_KERNEL_SOURCE", str(tree))
     ps = F.FunctionProbeSet(mode, load(kernel))
     body = ps.bpf_text()
