@@ -20,6 +20,7 @@ class KernelFacts:
     root: Path = ROOT
     page_size: int = field(default_factory=lambda: os.sysconf("SC_PAGE_SIZE"))
     machine: str = field(default_factory=lambda: os.uname().machine)
+    _addresses: dict[str, int | None] = field(default_factory=dict, repr=False, compare=False)
 
     @cached_property
     def release(self) -> str:
@@ -36,9 +37,13 @@ class KernelFacts:
 
     def kernel_address(self, name: str) -> int | None:
         """One kernel address: from ``kallsyms`` when it is loaded (function modes), else from a scan
-        for that symbol alone (tracepoint mode needs one address, not 200,000 parsed symbols)."""
-        ks = self.__dict__.get("kallsyms") or load_kallsyms(self.root, only=(name,))
-        return ks.address(name)
+        for that symbol alone (tracepoint mode needs a few addresses, not 200,000 parsed symbols),
+        each name scanned for once."""
+        if "kallsyms" in self.__dict__:
+            return self.kallsyms.address(name)
+        if name not in self._addresses:
+            self._addresses[name] = load_kallsyms(self.root, only=(name,)).address(name)
+        return self._addresses[name]
 
     @cached_property
     def btf(self) -> Btf | None:
