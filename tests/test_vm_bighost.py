@@ -24,7 +24,6 @@ step and must differ from the truth at some step, or this profile would not test
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -112,12 +111,7 @@ def _in_guest(kernel: Any, workdir: Path) -> tuple[dict[str, Any], str, str]:
         finally:
             stop.set()
             server.join()
-    out = r.outdir / "out.json"
-    res = json.loads(out.read_text()) if out.is_file() else {}
-    logs = sorted(r.outdir.glob("daemon-*.log"))
-    log = logs[-1].read_text(errors="replace")[-6000:] if logs else "(none)"
-    context = f"{r.describe()}\n--- daemon log (tail) ---\n{log}"
-    assert r.exit_code == 0 and res and "error" not in res, f"the guest script failed:\n{context}"
+    res, context = r.daemon_script_output()
     return res, context, f"{boot}, guest total {time.monotonic() - t0:.0f} s"
 
 

@@ -133,12 +133,7 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 def _run_script(guest: Any, command: str) -> tuple[dict[str, Any], Any, str]:
     r = guest.run(f"{PYTHON} {REPO}/tests/vm_guest_scripts/{command}", timeout=RUN_TIMEOUT_S)
-    out = r.outdir / "out.json"
-    res = json.loads(out.read_text()) if out.is_file() else {}
-    logs = sorted(r.outdir.glob("daemon-*.log"))
-    log = logs[-1].read_text(errors="replace")[-6000:] if logs else "(none)"
-    context = f"{r.describe()}\n--- daemon log (tail) ---\n{log}"
-    assert r.exit_code == 0 and res and "error" not in res, f"the guest script failed:\n{context}"
+    res, context = r.daemon_script_output()
     return res, r, context
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from observer.errors import KernelFactError
-from observer.kernel.files import ROOT, read_text, under
+from observer.kernel.files import ROOT, read_int, read_text, under
 
 MEMORY = "/sys/devices/system/memory"
 NODES = "/sys/devices/system/node"
@@ -222,16 +222,8 @@ def read_firmware_memmap(base: Path) -> tuple[Range, ...]:
             continue
         if read_text(entry / "type").strip() != "System RAM":
             continue
-        ram.append((_read_int(entry / "start"), _read_int(entry / "end")))
+        ram.append((read_int(entry / "start"), read_int(entry / "end")))
     return tuple(sorted(ram))
-
-
-def _read_int(path: Path) -> int:
-    text = read_text(path).strip()
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise KernelFactError(f"malformed {path}: expected an integer, got {text[:40]!r}") from None
 
 
 def _read_hex(path: Path) -> int:

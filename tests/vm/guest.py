@@ -125,6 +125,17 @@ class GuestResult:
             raise GuestCommandError(f"guest command wrote no {name}:\n{self.describe()}", self.console_tail)
         return json.loads(out.read_text())
 
+    def daemon_script_output(self) -> tuple[dict[str, Any], str]:
+        """What a guest script that runs the daemon left: its $HVO_OUT/out.json and, for assertion
+        messages, describe() plus the tail of its last daemon log. AssertionError when it failed."""
+        out = self.outdir / "out.json"
+        res = json.loads(out.read_text()) if out.is_file() else {}
+        logs = sorted(self.outdir.glob("daemon-*.log"))
+        log = logs[-1].read_text(errors="replace")[-6000:] if logs else "(none)"
+        context = f"{self.describe()}\n--- daemon log (tail) ---\n{log}"
+        assert self.exit_code == 0 and res and "error" not in res, f"the guest script failed:\n{context}"
+        return res, context
+
 
 class Guest:
     """One QEMU guest; ``with Guest("6.1") as g: g.run("uname -r")``.
