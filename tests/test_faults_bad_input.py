@@ -171,7 +171,7 @@ def test_a_kernel_file_that_becomes_unreadable_while_running(tmp_path: Path, tar
     d = Daemon(tmp_path, wrapper=("unshare", "-m", "--propagation", "private"))
     try:
         d.wait_ready()
-        subprocess.run(["nsenter", "-t", str(d.pid), "-m", "mount", "--bind", str(source), target],
+        subprocess.run(["nsenter", "-t", str(d.pid), "-m", "-r", "mount", "--bind", str(source), target],
                        check=True)
         deadline = time.monotonic() + 10  # the main loop reads the pools and /proc/vmstat 5 times a second
         while time.monotonic() < deadline and d.proc.poll() is None:
