@@ -117,17 +117,16 @@ def _ring_bytes(v: object) -> int:
     return v
 
 
-def _path(v: object) -> str:
-    if not isinstance(v, str):
-        raise TypeError("expected a string path")
-    if v and not v.startswith("/"):
-        raise ValueError("expected an absolute path, or \"\" for none")
-    return v
-
-
 def _file_path(v: object) -> str:
     if not isinstance(v, str):
         raise TypeError("expected a string path")
+    return v
+
+
+def _path(v: object) -> str:
+    v = _file_path(v)
+    if v and not v.startswith("/"):
+        raise ValueError("expected an absolute path, or \"\" for none")
     return v
 
 
