@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -442,9 +443,8 @@ class Model:
             counts[k] = counts.get(k, 0) + v
         hist = {k: list(v) for k, v in bh.items()}
         for k, v in h.items():
-            acc = hist.setdefault(k, [0] * len(v))
-            for i, x in enumerate(v):
-                acc[i] += x
+            acc = hist.get(k)
+            hist[k] = list(v) if acc is None else list(map(operator.add, acc, v))
         return ModelView(
             generation=self._generation, now_ns=now, page_size=self.page_size,
             hstates=tuple(sorted(self.hstates.values(), key=lambda s: s.order)),

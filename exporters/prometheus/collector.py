@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from functools import lru_cache
+from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -77,6 +79,7 @@ METRICS: dict[str, str] = {
 # Exported bucket bounds: 2**10 ns (~1 us) .. 2**36 ns (~69 s), then +Inf. Smaller durations fall into
 # the first bucket. A fixed set keeps every series' buckets stable for histogram_quantile().
 _FIRST_BOUND_LOG2, _LAST_BOUND_LOG2 = 10, 36
+_BOUND_TEXT = {bound: repr((1 << bound) / 1e9) for bound in range(_FIRST_BOUND_LOG2, _LAST_BOUND_LOG2 + 1)}
 _ZERO_SERIES = ((EventType.OPTIMIZE, (Result.OK, Result.ERROR, Result.SKIPPED)),
                 (EventType.RESTORE, (Result.OK, Result.ERROR, Result.SKIPPED)),
                 (EventType.POOL_ALLOC, (Result.OK,)), (EventType.POOL_FREE, (Result.OK,)))
@@ -89,16 +92,13 @@ def _gauge(name: str, labels: list[str] | None = None) -> GaugeMetricFamily:
 def histogram_buckets(counts: list[int]) -> tuple[list[tuple[str, float]], float]:
     """Cumulative Prometheus buckets and an estimated sum (seconds) from log2(ns) buckets, where
     bucket i holds durations in [2**i, 2**(i+1)) ns."""
-    buckets: list[tuple[str, float]] = []
-    cumulative = 0
     total_ns = 0.0
     for i, n in enumerate(counts):
         total_ns += n * (1.0 if i == 0 else 1.5 * (1 << i))
-    for bound in range(_FIRST_BOUND_LOG2, _LAST_BOUND_LOG2 + 1):
-        # le = 2**bound ns holds buckets i < bound
-        cumulative = sum(counts[:bound])
-        buckets.append((repr((1 << bound) / 1e9), float(cumulative)))
-    buckets.append(("+Inf", float(sum(counts))))
+    running = list(accumulate(counts, initial=0))  # running[b]: durations below 2**b ns
+    buckets = [(_BOUND_TEXT[bound], float(running[min(bound, len(counts))]))
+               for bound in range(_FIRST_BOUND_LOG2, _LAST_BOUND_LOG2 + 1)]
+    buckets.append(("+Inf", float(running[-1])))
     return buckets, total_ns / 1e9
 
 
@@ -111,17 +111,6 @@ class HvoCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         return families(self._view())
-
-
-class _ViewCollector(Collector):
-    """Some families (one of SECTIONS) of one given view: what an encoder is handed."""
-
-    def __init__(self, view: ModelView, section: Callable[[ModelView], Iterator[Metric]]) -> None:
-        self._v = view
-        self._section = section
-
-    def collect(self) -> Iterator[Metric]:
-        return self._section(self._v)
 
 
 def families(v: ModelView) -> Iterator[Metric]:
@@ -265,9 +254,18 @@ def _event_families(v: ModelView) -> Iterator[Metric]:
         for ev in (EventType.OPTIMIZE, EventType.RESTORE):
             hist.setdefault((ev, s.order), [0] * HIST_BUCKETS)
     for (ev, order), buckets in sorted(hist.items()):
-        cumulative, total = histogram_buckets(buckets)
-        h.add_metric([ev.label, hstate(order)], cumulative, total)
+        h.samples.extend(_histogram_series(ev.label, hstate(order), tuple(buckets)))
     yield h
+
+
+@lru_cache(maxsize=4096)
+def _histogram_series(op: str, hstate: str, buckets: tuple[int, ...]) -> tuple[Sample, ...]:
+    """One series of hvo_operation_duration_seconds: the same samples (the same objects, which the
+    series cache compares at no cost) while its buckets stay the same."""
+    h = HistogramMetricFamily("hvo_operation_duration_seconds", "", labels=["op", "hstate"])
+    cumulative, total = histogram_buckets(list(buckets))
+    h.add_metric([op, hstate], cumulative, total)
+    return tuple(h.samples)
 
 
 # The families in sections, each with what it is computed from: Exposition re-encodes a section only
@@ -292,13 +290,90 @@ def registry(view: Callable[[], ModelView], process: bool = True) -> CollectorRe
 
 _OPENMETRICS_EOF = b"# EOF\n"
 _MAX_BODIES = 8  # formats cached per generation (Accept headers may vary the version/escaping)
+_MAX_SERIES = 50_000  # encoded series kept (all formats): far above a 2-hstate x 64-node body's ~900
+# samples the text format moves to a family of their own (after the others): never cached per series
+_OM_ONLY_SUFFIXES = ("_created", "_gsum", "_gcount")
+_Labels = tuple[tuple[str, str], ...]
+
+
+class _Families(Collector):
+    """Given families, as a collector: what an encoder is handed."""
+
+    def __init__(self, *metrics: Metric) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._metrics)
+
+
+class _SeriesCache:
+    """Encoded sample lines per (format, family, series), reused while the series' samples are equal.
+
+    A series is one label set without ``le``: one counter or gauge sample, or a histogram's buckets,
+    count and sum. While the kernel is busy an aggregate read moves a few series (the ops running
+    now) of a section that has hundreds; only those are encoded again. The lines come from the
+    format's own encoder (a family holding that series alone, its comment lines dropped), so the body
+    is byte for byte what the encoder makes of the whole family."""
+
+    def __init__(self) -> None:
+        self._headers: dict[tuple[str, str], bytes] = {}  # (type, family) -> # HELP/TYPE/UNIT lines
+        # (type, family, labels without le) -> the samples last encoded, their lines
+        self._series: dict[tuple[str, str, _Labels], tuple[tuple[Sample, ...], bytes]] = {}
+
+    def encode(self, metric: Metric, encoder: Callable[[Collector], bytes], content_type: str) -> bytes:
+        if any(s.name.endswith(_OM_ONLY_SUFFIXES) for s in metric.samples):
+            return _strip_eof(encoder(_Families(metric)))
+        header = self._headers.get((content_type, metric.name))
+        if header is None:
+            header = self._headers[(content_type, metric.name)] = _strip_eof(
+                encoder(_Families(Metric(metric.name, metric.documentation, metric.type, metric.unit))))
+        parts = [header]
+        for labels, samples in _series(metric.samples):
+            slot = (content_type, metric.name, labels)
+            cached = self._series.get(slot)
+            if cached is not None and cached[0] == samples:
+                parts.append(cached[1])
+                continue
+            family = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            family.samples = list(samples)
+            lines = b"".join(line for line in encoder(_Families(family)).splitlines(keepends=True)
+                             if not line.startswith(b"#"))
+            if len(self._series) >= _MAX_SERIES:
+                self._series.clear()
+            self._series[slot] = (samples, lines)
+            parts.append(lines)
+        return b"".join(parts)
+
+
+def _series(samples: list[Sample]) -> Iterator[tuple[_Labels, tuple[Sample, ...]]]:
+    """(labels without le, samples) of each series in a family's samples. A histogram's bucket
+    samples come before its count and sum, which carry the series' labels."""
+    groups: dict[_Labels, list[Sample]] = {}
+    buckets: list[Sample] = []
+    for sample in samples:
+        if "le" in sample.labels:
+            buckets.append(sample)
+            continue
+        group = groups.setdefault(tuple(sample.labels.items()), [])
+        if buckets:
+            group.extend(buckets)
+            buckets = []
+        group.append(sample)
+    for sample in buckets:  # buckets without a count: grouped by their own labels
+        groups.setdefault(tuple(kv for kv in sample.labels.items() if kv[0] != "le"), []).append(sample)
+    return ((labels, tuple(group)) for labels, group in groups.items())
+
+
+def _strip_eof(body: bytes) -> bytes:
+    return body.removesuffix(_OPENMETRICS_EOF)
 
 
 class Exposition:
     """The body of GET /metrics for one model: its families encoded once per model generation and
     format, the process metrics (CPU, memory, fds: they change all the time) encoded at each scrape.
-    A new generation re-encodes only the SECTIONS whose inputs changed: while the kernel is busy the
-    event counters move at every aggregate read, the per-hstate/node pool families rarely."""
+    A new generation re-encodes only the SECTIONS whose inputs changed (while the kernel is busy the
+    event counters move at every aggregate read, the per-hstate/node pool families rarely) and, in a
+    changed section, only the series that changed (_SeriesCache)."""
 
     def __init__(self, view: Callable[[], ModelView], process: bool = True) -> None:
         self._view = view
@@ -307,6 +382,8 @@ class Exposition:
         self._generation = -1
         self._bodies: dict[str, bytes] = {}  # content type -> the model's part of the body
         self._sections: dict[tuple[str, int], tuple[object, bytes]] = {}  # (type, section) -> key, bytes
+        self._series = _SeriesCache()
+        self._encoding = threading.Lock()  # one encoding at a time: they share the series cache
 
     def render(self, accept: str) -> tuple[bytes, str]:
         """(body, content type) for a request with this Accept header."""
@@ -317,7 +394,8 @@ class Exposition:
                 self._generation, self._bodies = v.generation, {}
             body = self._bodies.get(content_type) if v.generation == self._generation else None
         if body is None:
-            body = self._encode(v, encoder, content_type)
+            with self._encoding:
+                body = self._encode(v, encoder, content_type)
             with self._lock:
                 if v.generation == self._generation:
                     if len(self._bodies) >= _MAX_BODIES:
@@ -326,7 +404,7 @@ class Exposition:
         if self._process is None:
             return body, content_type
         if content_type.startswith("application/openmetrics-text"):  # one "# EOF" line, at the very end
-            body = body.removesuffix(_OPENMETRICS_EOF)
+            body = _strip_eof(body)
         return body + encoder(self._process), content_type
 
     def _encode(self, v: ModelView, encoder: Callable[[Collector], bytes], content_type: str) -> bytes:
@@ -334,18 +412,16 @@ class Exposition:
         parts = []
         for i, (section, inputs) in enumerate(SECTIONS):
             key = inputs(v) if inputs is not None else None
-            with self._lock:
-                cached = self._sections.get((content_type, i)) if inputs is not None else None
+            cached = self._sections.get((content_type, i)) if inputs is not None else None
             if cached is not None and cached[0] == key:
                 parts.append(cached[1])
                 continue
-            part = encoder(_ViewCollector(v, section))
-            if openmetrics:
-                part = part.removesuffix(_OPENMETRICS_EOF)
-            if inputs is not None:
-                with self._lock:
-                    if len(self._sections) >= _MAX_BODIES * len(SECTIONS):
-                        self._sections.clear()
-                    self._sections[(content_type, i)] = (key, part)
+            if inputs is None:  # a few samples, all of which may change: encoded whole
+                part = _strip_eof(encoder(_Families(*section(v))))
+            else:
+                part = b"".join(self._series.encode(m, encoder, content_type) for m in section(v))
+                if len(self._sections) >= _MAX_BODIES * len(SECTIONS):
+                    self._sections.clear()
+                self._sections[(content_type, i)] = (key, part)
             parts.append(part)
         return b"".join(parts) + (_OPENMETRICS_EOF if openmetrics else b"")
