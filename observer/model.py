@@ -149,6 +149,26 @@ class ModelView:
     def pool_pages(self, hstate: str) -> int:
         return sum(p.pages for p in self.pools if p.hstate == hstate)
 
+    def split_unknown(self, hstate: str) -> bool:
+        """True when this hstate's optimized pages cannot be told apart by node: events carry no node
+        (pfns unknown) and the hstate has pages on several nodes. The model still books them on some
+        node; that split is a guess and is not published (pool sizes per node are: sysfs gives them)."""
+        if self.runtime.nodes_known:
+            return False
+        return sum(1 for p in self.pools if p.hstate == hstate and p.pages > 0) > 1
+
+    def optimized_by_node(self) -> list[tuple[str, int | None, int]]:
+        """(hstate, node, optimized pages): one row per pool, or one row with node None for an hstate
+        whose split is unknown (split_unknown)."""
+        out: list[tuple[str, int | None, int]] = []
+        unknown: dict[str, int] = {}
+        for p in self.pools:
+            if self.split_unknown(p.hstate):
+                unknown[p.hstate] = unknown.get(p.hstate, 0) + p.optimized
+            else:
+                out.append((p.hstate, p.node, p.optimized))
+        return out + [(h, None, n) for h, n in unknown.items()]
+
 
 class Model:
     @classmethod

@@ -7,6 +7,8 @@ Shape (bytes are bytes, pages are base pages; ``null`` where the kernel cannot t
      "hstates": [{"name", "order", "freeable_vmemmap_pages", "eligible", "pages", "free", "surplus",
                   "optimized", "expected_saved_bytes",
                   "nodes": [{"node", "pages", "free", "surplus", "optimized", "expected_saved_bytes"}]}],
+                  (a node's optimized and expected_saved_bytes are null when the split by node is
+                  unknown: ModelView.split_unknown)
      "saved_bytes": {"expected", "kernel"},
      "memmap": {"nr_memmap_pages", "nr_memmap_boot_pages", "unoptimized_pages"},
      "reconcile": {"byte_truth", "settled", "settle_seconds", "quiet_seconds", "drift_bytes",
@@ -34,6 +36,7 @@ def view_to_json(v: ModelView) -> dict[str, Any]:
         spec = next((s for s in v.hstates if s.name == name), None)
         nodes = [p for p in v.pools if p.hstate == name]
         per_page = freeable.get(name, 0) * v.page_size
+        split_unknown = v.split_unknown(name)
         hstates.append({
             "name": name,
             "order": spec.order if spec else None,
@@ -45,7 +48,8 @@ def view_to_json(v: ModelView) -> dict[str, Any]:
             "optimized": sum(p.optimized for p in nodes),
             "expected_saved_bytes": sum(p.optimized for p in nodes) * per_page,
             "nodes": [{"node": p.node, "pages": p.pages, "free": p.free, "surplus": p.surplus,
-                       "optimized": p.optimized, "expected_saved_bytes": p.optimized * per_page}
+                       "optimized": None if split_unknown else p.optimized,
+                       "expected_saved_bytes": None if split_unknown else p.optimized * per_page}
                       for p in nodes],
         })
     order_name = {s.order: s.name for s in v.hstates}
@@ -57,7 +61,7 @@ def view_to_json(v: ModelView) -> dict[str, Any]:
         "mode_reason": rt.mode_reason,
         "degraded": rt.degraded,
         "degraded_reasons": list(rt.degraded_reasons),
-        "nodes_known": rt.nodes_known,  # False: per-node optimized pages are the model's attribution
+        "nodes_known": rt.nodes_known,  # False: events carry no node (see the nodes' optimized)
         "started_unix": rt.started_unix,
         "uptime_seconds": round(time.time() - rt.started_unix, 3),
         "page_size": v.page_size,

@@ -127,3 +127,34 @@ def test_without_nodes_an_hstate_on_several_nodes_is_published_with_node_unknown
         assert pools == {"0", "1", "2"}
     saved = {dict(k).get("node") for k in m["hvo_vmemmap_saved_bytes"]}
     assert saved == {None, "unknown"}
+
+
+def test_without_nodes_status_and_top_show_no_split_by_node() -> None:
+    """The same model through /api/v1/status (the JSON), `status` and `top`: per node the pool
+    sizes, the optimized pages and their savings only for the hstate as a whole."""
+    from rich.console import Console
+
+    from observer.bench_workloads import simulated_model
+    from observer.commands import status, top
+    from observer.model import Runtime
+    from observer.report import view_to_json
+
+    model = simulated_model(hstates=2, nodes=3)
+    model.set_runtime(Runtime("t", "6.18", "fentry", "", True, (), nodes_known=False))
+    view = model.view()
+    doc = view_to_json(view)
+    for h in doc["hstates"]:
+        pools = [p for p in view.pools if p.hstate == h["name"]]
+        assert h["optimized"] == sum(p.optimized for p in pools) > 0
+        assert [(n["node"], n["pages"], n["optimized"], n["expected_saved_bytes"]) for n in h["nodes"]] == \
+            [(p.node, p.pages, None, None) for p in pools]
+    doc.update(source="daemon", daemon="api.sock", events_available=True, uptime_seconds=60,
+               recent_failures=[])
+    rows = [line.split() for line in status.human(doc).splitlines()
+            if line.split()[:1] in (["0"], ["1"], ["2"])]
+    assert len(rows) == 6 and all(r[4] == "?" and "unknown" in r for r in rows), rows
+    console = Console(width=160, record=True)
+    console.print(top._pools_table(doc))
+    table = [line.split() for line in console.export_text().splitlines() if line.split()[:1] == ["2048kB"]]
+    assert [r[1] for r in table] == ["0", "1", "2", "all"], table
+    assert all(r[5] == "?" for r in table[:3]) and table[3][5] == str(doc["hstates"][0]["optimized"])

@@ -138,25 +138,6 @@ def _runtime_families(v: ModelView) -> Iterator[Metric]:
     yield g
 
 
-def _optimized_by_node(v: ModelView) -> list[tuple[str, str, int]]:
-    """(hstate, node, optimized pages). When events carry no node (pfns unknown), the pages of an
-    hstate that has pages on several nodes are one series with node="unknown": a per-node split would
-    be a guess. Pool sizes per node stay: sysfs gives them."""
-    if v.runtime.nodes_known:
-        return [(p.hstate, str(p.node), p.optimized) for p in v.pools]
-    spread: dict[str, int] = {}
-    for p in v.pools:
-        spread[p.hstate] = spread.get(p.hstate, 0) + (p.pages > 0)
-    out: list[tuple[str, str, int]] = []
-    unknown: dict[str, int] = {}
-    for p in v.pools:
-        if spread[p.hstate] > 1:
-            unknown[p.hstate] = unknown.get(p.hstate, 0) + p.optimized
-        else:
-            out.append((p.hstate, str(p.node), p.optimized))
-    return out + [(h, "unknown", n) for h, n in unknown.items()]
-
-
 def _pool_families(v: ModelView) -> Iterator[Metric]:
     """Per hstate and node: the bulk of a body on a host with many nodes."""
     pools = _gauge("hvo_hugepages", ["hstate", "node"])
@@ -168,7 +149,9 @@ def _pool_families(v: ModelView) -> Iterator[Metric]:
         pools.add_metric(labels, p.pages)
         free.add_metric(labels, p.free)
         surplus.add_metric(labels, p.surplus)
-    by_node = _optimized_by_node(v)
+    # node="unknown" for an hstate whose per-node split is a guess (ModelView.split_unknown)
+    by_node = [(hstate, "unknown" if node is None else str(node), n)
+               for hstate, node, n in v.optimized_by_node()]
     for hstate, node, n in by_node:
         optimized.add_metric([hstate, node], n)
     yield from (pools, free, surplus, optimized)

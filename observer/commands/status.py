@@ -117,8 +117,12 @@ def _pool_lines(doc: dict[str, Any]) -> list[str]:
         lines.append(f"{h['name']:<11}{node:>5}{h['pages']:>8}{h['free']:>7}{h['surplus']:>8}"
                      f"{h['optimized']:>10}{per:>14}  {_pages_and_mib(h['optimized'] * per, ps)}")
         for n in rows:
+            if n["optimized"] is None:  # the split by node is unknown (events carry no node)
+                opt, saved = "?", "unknown (events carry no node)"
+            else:
+                opt, saved = str(n["optimized"]), _pages_and_mib(n["optimized"] * per, ps)
             lines.append(f"{'':<11}{n['node']:>5}{n['pages']:>8}{n['free']:>7}{n['surplus']:>8}"
-                         f"{n['optimized']:>10}{'':>14}  {_pages_and_mib(n['optimized'] * per, ps)}")
+                         f"{opt:>10}{'':>14}  {saved}")
     return lines
 
 

@@ -137,8 +137,13 @@ def _pools_table(doc: dict[str, Any]) -> Any:
     for h in doc["hstates"]:
         per = h["freeable_vmemmap_pages"]
         for n in h["nodes"]:
+            known = n["optimized"] is not None  # None: the split by node is unknown (events carry no node)
             t.add_row(h["name"], str(n["node"]), str(n["pages"]), str(n["free"]), str(n["surplus"]),
-                      str(n["optimized"]), str(per), render.mib(n["expected_saved_bytes"]))
+                      str(n["optimized"]) if known else "?", str(per),
+                      render.mib(n["expected_saved_bytes"]) if known else "?")
+        if any(n["optimized"] is None for n in h["nodes"]):
+            t.add_row(h["name"], "all", str(h["pages"]), str(h["free"]), str(h["surplus"]),
+                      str(h["optimized"]), str(per), render.mib(h["expected_saved_bytes"]))
     return t
 
 
