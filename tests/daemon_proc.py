@@ -81,6 +81,7 @@ def empty_pools() -> Iterator[None]:
     with kernel_state.restored_kernel_state():
         hugepages.set_nr_hugepages(H2M, 0)
         hugepages.set_nr_hugepages(H1G, 0)
+        calibrate_full_vmemmap()
         yield
 
 
@@ -296,9 +297,47 @@ def one(m: Samples, name: str, **labels: str) -> float:
     return m[name][tuple(sorted(labels.items()))]
 
 
-def kernel_saved_pages() -> int:
+_full_vmemmap: list[int] = []  # the kernel's whole vmemmap, from the last calibration
+
+
+def calibrate_full_vmemmap() -> int:
+    """The kernel's whole vmemmap in pages, measured and not computed: with every pool empty the
+    kernel holds no optimized page, so its counters (nr_memmap_pages + nr_memmap_boot_pages) are
+    all of it, whatever the memory layout (holes, offline blocks, hot-added or device memory)."""
+    pools = {h.name: h.nr_hugepages for h in hugepages.read_hstates()}
+    assert not any(pools.values()), f"calibrating the vmemmap needs every pool empty: {pools}"
+    counters = vmstat.read_memmap_counters()
+    assert counters is not None, "this kernel has no nr_memmap counters (< 6.11)"
+    _full_vmemmap[:] = [counters.total]
+    return counters.total
+
+
+def _plain_layout_vmemmap() -> int:
+    """The whole vmemmap of a plain layout (every memory block online, RAM in each of its 128 MiB
+    sections, no device memory): blocks x 4 KiB pages x 64 bytes of struct page. For guests booted
+    with reserved pools, which never see empty pools; any other layout must be calibrated."""
     layout = memory_blocks.read_memory_layout()
-    full = layout.online_bytes // PAGE * 64 // PAGE
+    size, sec = layout.block_size_bytes, layout.section_size_bytes
+
+    def has_ram(lo: int) -> bool:
+        return any(start < lo + sec and end >= lo for start, end in layout.ram_ranges)
+
+    partial = [b.index for b in layout.blocks
+               if not b.online or not all(has_ram(b.index * size + i * sec) for i in range(size // sec))]
+    assert layout.ram_ranges and not partial and not layout.device_ranges and not layout.devices, (
+        f"no calibration, and the layout is not plain (blocks offline or with a section without RAM "
+        f"{partial}, device memory {layout.device_ranges or layout.devices}): empty the pools first "
+        f"(calibrate_full_vmemmap)")
+    return layout.online_bytes // PAGE * 64 // PAGE
+
+
+def kernel_saved_pages() -> int:
+    """vmemmap pages the kernel saves now: the whole vmemmap minus its counters. The whole comes from
+    the last calibration (made whenever the pools are empty, so a layout change between tests is
+    followed), or from a plain layout's geometry before any."""
+    if not any(h.nr_hugepages for h in hugepages.read_hstates()):
+        calibrate_full_vmemmap()
+    full = _full_vmemmap[0] if _full_vmemmap else _plain_layout_vmemmap()
     counters = vmstat.read_memmap_counters()
     assert counters is not None
     return full - counters.total
