@@ -53,6 +53,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# How long more optimized pages than the pool holds are taken for restores still to come (see
+# Model._settle) before the counts are clamped (no vmemmap counters) or resynced.
+RESTORES_DUE_GRACE_NS = 30 * 1_000_000_000
+
 CountKey = tuple[EventType, int, Result]
 HistKey = tuple[EventType, int]
 
@@ -201,6 +205,7 @@ class Model:
         self._pending_resync = ""
         self._drift_bytes: int | None = None
         self._inconsistent = ""
+        self._restores_due_since: int | None = None  # first quiet moment with more optimized than pooled
         self._lost_seen = 0
         # Aggregates of earlier probe sessions (config reloads) plus the current one.
         self._agg_base: tuple[dict[CountKey, int], dict[HistKey, list[int]], int] = ({}, {}, 0)
@@ -284,6 +289,7 @@ class Model:
                 optimized[(h, node)] = count
         self.optimized = optimized
         self._inconsistent = ""
+        self._restores_due_since = None
         info = BaselineInfo(exact, split.candidates, "; ".join(notes), snap.taken_ns, provisional)
         self.baseline_info = info
         return info
@@ -342,7 +348,7 @@ class Model:
             self._accept_snapshot(snap)
             self._settled = now - self._quiet_since >= self.settle_ns
             if self._settled:
-                self._settle(snap)
+                self._settle(snap, now)
             if self._shown() != before:  # most readings of an idle kernel change nothing
                 self._generation += 1
 
@@ -387,7 +393,7 @@ class Model:
             self._pending_resync = self._pending_resync or "probes restarted"
             self._generation += 1
 
-    def _settle(self, snap: KernelSnapshot) -> None:
+    def _settle(self, snap: KernelSnapshot, now: int) -> None:
         base = self.baseline_info
         if self._pending_resync:
             reason, self._pending_resync = self._pending_resync, ""
@@ -395,7 +401,19 @@ class Model:
         elif base is not None and base.provisional:
             self.baseline_info = BaselineInfo(base.exact, base.candidates, base.note, base.taken_ns, False)
         self._drift_bytes = self._drift_now()
-        why = self._inconsistent or self._impossible(snap)
+        impossible = self._impossible(snap)
+        if not impossible:
+            self._restores_due_since = None
+        elif not self._inconsistent:
+            # More optimized pages than the pool holds: the kernel takes pages out of the pool (the
+            # count drops) before it restores their vmemmap one by one (a shrink, a demote), so the
+            # restore records may still be coming, later than a settle window when the writer is
+            # descheduled. No record lost, no restore of an unknown page: wait for them, a while.
+            if self._restores_due_since is None:
+                self._restores_due_since = now
+            if now - self._restores_due_since < RESTORES_DUE_GRACE_NS:
+                return
+        why = self._inconsistent or impossible
         if why:
             if snap.saved_pages is None:
                 self._clamp(snap)  # no counters to recompute from: keep the counts possible
