@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from functools import lru_cache
 from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -241,14 +240,22 @@ def _event_families(v: ModelView) -> Iterator[Metric]:
     yield h
 
 
-@lru_cache(maxsize=4096)
+# (op, hstate) -> the buckets last encoded as samples, and those samples: one entry per series
+_HIST_SERIES: dict[tuple[str, str], tuple[tuple[int, ...], tuple[Sample, ...]]] = {}
+
+
 def _histogram_series(op: str, hstate: str, buckets: tuple[int, ...]) -> tuple[Sample, ...]:
     """One series of hvo_operation_duration_seconds: the same samples (the same objects, which the
     series cache compares at no cost) while its buckets stay the same."""
+    cached = _HIST_SERIES.get((op, hstate))
+    if cached is not None and cached[0] == buckets:
+        return cached[1]
     h = HistogramMetricFamily("hvo_operation_duration_seconds", "", labels=["op", "hstate"])
     cumulative, total = histogram_buckets(list(buckets))
     h.add_metric([op, hstate], cumulative, total)
-    return tuple(h.samples)
+    samples = tuple(h.samples)
+    _HIST_SERIES[(op, hstate)] = (buckets, samples)
+    return samples
 
 
 # The families in sections, each with what it is computed from: Exposition re-encodes a section only
