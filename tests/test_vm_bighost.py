@@ -1,5 +1,6 @@
 """The big-host profile of the kernel matrix: Debian 6.12 and sid guests shaped like the hosts that
-use HVO, the daemon in fentry mode through every memory event such a host sees.
+use HVO, the daemon in fentry and in kprobe mode (one fresh guest per kernel and mode) through every
+memory event such a host sees.
 
 Guest (QEMU TCG, sparse RAM: memory backends with reserve=off cost the host only what is touched):
 70.6 GiB of RAM on 2 NUMA nodes, RAM below 4 GiB ending at 2,688 MiB (inside the second 2 GiB
@@ -16,7 +17,8 @@ adds the memmap of the DIMM (its size / 4 KiB x 64 bytes of struct page), the un
 with HVO on for every page the saved pages must equal every pool page optimized, so the truth per
 hstate and node is the pool. After every step the daemon's pools, optimized pages per hstate and
 node, kernel and expected saved bytes must equal it, drift 0, no resync, no lost record, and exactly
-the events the step caused (none for calibrate, fsdax, offline, online, hotremove).
+the events the step caused (none for calibrate, fsdax, offline, online, hotremove); hvo_build_info
+names the mode asked for and every probe is attached.
 
 The old formula (online blocks x vmemmap per block) is computed from the guest's layout at every
 step and must differ from the truth at some step, or this profile would not test the fix.
@@ -40,6 +42,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.matrix]
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv/bin/python"
 KERNELS = ("6.12", "sid")
+MODES = ("fentry", "kprobe")
 H2M, H1G = "2048kB", "1048576kB"
 FREEABLE = {H2M: 7, H1G: 4095}
 PAGE = 4096
@@ -95,7 +98,7 @@ def _serve_hotplug(g: Any, stop: threading.Event, answers: list[str]) -> None:
         stop.wait(0.05)
 
 
-def _in_guest(kernel: Any, workdir: Path) -> tuple[dict[str, Any], str, str]:
+def _in_guest(kernel: Any, mode: str, workdir: Path) -> tuple[dict[str, Any], str, str]:
     from tests.vm import Guest
 
     t0 = time.monotonic()
@@ -106,7 +109,7 @@ def _in_guest(kernel: Any, workdir: Path) -> tuple[dict[str, Any], str, str]:
         server = threading.Thread(target=_serve_hotplug, args=(g, stop, answers), daemon=True)
         server.start()
         try:
-            r = g.run(f"{PYTHON} {REPO}/tests/vm_guest_scripts/bighost.py $HVO_OUT/out.json "
+            r = g.run(f"{PYTHON} {REPO}/tests/vm_guest_scripts/bighost.py {mode} $HVO_OUT/out.json "
                       f"--modules {kernel.modules} --pages {PAGES}", timeout=RUN_TIMEOUT_S)
         finally:
             stop.set()
@@ -118,16 +121,18 @@ def _in_guest(kernel: Any, workdir: Path) -> tuple[dict[str, Any], str, str]:
 @pytest.fixture(scope="module")
 def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[dict[str, Future[tuple[dict[str, Any], str, str]]]]:
+    """The guests of this module's selected tests (one per kernel and mode), started at once and run
+    two at a time (tests/vm/fixtures.py: guest_pool); each test waits for its own."""
     _need_qemu()
     from tests.vm.fixtures import guest_pool
     from tests.vm.kernels import prepare_kernel
 
-    wanted = [item.callspec.params["kernel"] for item in request.session.items
+    wanted = [(item.callspec.params["kernel"], item.callspec.params["mode"]) for item in request.session.items
               if item.path == Path(__file__) and hasattr(item, "callspec")]
-    kernels = {k: prepare_kernel(k) for k in dict.fromkeys(wanted)}
+    kernels = {k: prepare_kernel(k) for k, _ in wanted}
     with guest_pool() as pool:
-        yield {k: pool.submit(_in_guest, kernels[k], tmp_path_factory.mktemp(f"bighost-{k}"))
-               for k in kernels}
+        yield {f"{k}-{m}": pool.submit(_in_guest, kernels[k], m, tmp_path_factory.mktemp(f"bighost-{k}-{m}"))
+               for k, m in dict.fromkeys(wanted)}
 
 
 # --- the independent truth ----------------------------------------------------------------------
@@ -201,14 +206,19 @@ def _expected_events(step: dict[str, Any]) -> dict[str, int]:
     return want
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_big_host_layout_books_match_the_kernel_after_every_step(
-        runs: dict[str, Future[tuple[dict[str, Any], str, str]]], kernel: str) -> None:
-    res, context, timings = runs[kernel].result()
-    print(f"\n{res['release']} big host: {timings}, daemon ready {res['ready_s']} s, "
-          f"script {res['total_s']} s")
+        runs: dict[str, Future[tuple[dict[str, Any], str, str]]], kernel: str, mode: str) -> None:
+    res, context, timings = runs[f"{kernel}-{mode}"].result()
+    print(f"\n{res['release']} big host, {mode} (daemon privileges: {res['privileges']['daemon']}): "
+          f"{timings}, daemon ready {res['ready_s']} s, script {res['total_s']} s")
     names = [s["name"] for s in res["steps"]]
-    assert names == list(STEPS), names
+    assert names == list(STEPS), f"{names}\n{context}"
+    wrong_mode = [f"{s['name']}: mode {s['daemon']['mode']}, probes {s['daemon']['probes']}"
+                  for s in res["steps"] if s["daemon"]["mode"] != mode
+                  or not s["daemon"]["probes"] or not all(s["daemon"]["probes"].values())]
+    assert not wrong_mode, f"hvo_build_info/hvo_probe_attached: {wrong_mode}\n{context}"
     layout = res["boot_layout"]
     assert int(layout["block_size_bytes"], 16) == 2 * GIB, layout["block_size_bytes"]
     nodes = {b["node"] for b in layout["blocks"].values()}

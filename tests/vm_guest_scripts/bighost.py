@@ -1,8 +1,8 @@
-"""Run in a big-host guest (tests/test_vm_bighost.py): ``hvo-observer run`` in fentry mode through
-the memory events of a production-shaped host, recording the kernel's and the daemon's figures at a
-quiet moment after every step, as JSON for the host to judge.
+"""Run in a big-host guest (tests/test_vm_bighost.py): ``hvo-observer run`` in one function mode
+(fentry or kprobe) through the memory events of a production-shaped host, recording the kernel's and
+the daemon's figures at a quiet moment after every step, as JSON for the host to judge.
 
-    python tests/vm_guest_scripts/bighost.py OUT.json --modules DIR [--pages N]
+    python tests/vm_guest_scripts/bighost.py MODE OUT.json --modules DIR [--pages N]
 
 The guest (2 NUMA nodes, 2 GiB memory blocks, RAM below 4 GiB ending inside a block, ZONE_MOVABLE,
 legacy pmem from ``memmap=``) starts with empty pools. Steps:
@@ -17,7 +17,9 @@ legacy pmem from ``memmap=``) starts with empty pools. Steps:
   hotremove   the DIMM's blocks offlined and the DIMM unplugged (QMP device_del, by the host)
 Per step the kernel side is what /proc and sysfs say (pools per hstate and node, vmemmap counters,
 the memory layout as files, for the host to compute its truth from); the daemon side is one
-/metrics scrape at a quiet moment that matches the kernel's pools and counters.
+/metrics scrape at a quiet moment that matches the kernel's pools and counters. The daemon runs with
+the unit's privileges, or as root in kprobe mode where those cannot open a kprobe perf event
+(matrix_daemon.choose_privileges, recorded).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from tests.vm_guest_scripts.matrix_common import (
     recorded,
     write_json,
 )
+from tests.vm_guest_scripts.matrix_daemon import choose_privileges
 
 READY_S = 900.0
 SETTLE_WAIT_S = 300.0
@@ -252,6 +255,7 @@ def shrink() -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["fentry", "kprobe"])
     ap.add_argument("out", type=Path)
     ap.add_argument("--modules", type=Path, required=True, help="the guest kernel's lib/modules/<release>")
     ap.add_argument("--pages", type=int, default=64)
@@ -259,15 +263,17 @@ def main() -> int:
     bring_up_loopback()
     tracefs.ensure_tracefs()
     sysctl.write_hvo_sysctl(True)
-    result: dict[str, Any] = {"release": Path("/proc/sys/kernel/osrelease").read_text().strip(),
+    result: dict[str, Any] = {"mode": args.mode,
+                              "release": Path("/proc/sys/kernel/osrelease").read_text().strip(),
                               "cmdline": Path("/proc/cmdline").read_text().strip(), "steps": [],
                               "boot_layout": layout_files()}
+    result["privileges"] = choose_privileges(args.mode)
     logdir = args.out.parent if args.out.parent.is_dir() else Path(tempfile.mkdtemp())
     # what the unit's ExecStartPre=+ does: vmemmap_base for the sandboxed daemon (pfn -> node)
     Path("/run/hvo-observer").mkdir(exist_ok=True)
     subprocess.run([sys.executable, "-m", "observer", "kernel-addresses", "--write",
                     "/run/hvo-observer/kernel-addresses"], check=True, cwd=Path(__file__).parents[2])
-    with recorded(args.out, result) as t0, daemon(logdir, mode="fentry", ready_timeout=READY_S) as d:
+    with recorded(args.out, result) as t0, daemon(logdir, mode=args.mode, ready_timeout=READY_S) as d:
         result["ready_s"] = round(time.monotonic() - t0, 1)
         try:
             step(d, result, args.out, "calibrate", lambda: None)
