@@ -402,13 +402,15 @@ class Model:
             self.baseline_info = BaselineInfo(base.exact, base.candidates, base.note, base.taken_ns, False)
         self._drift_bytes = self._drift_now()
         impossible = self._impossible(snap)
+        kernel_restored = snap.saved_pages is not None and snap.saved_pages < self._expected_pages()
         if not impossible:
             self._restores_due_since = None
-        elif not self._inconsistent:
+        elif not self._inconsistent and not kernel_restored:
             # More optimized pages than the pool holds: the kernel takes pages out of the pool (the
             # count drops) before it restores their vmemmap one by one (a shrink, a demote), so the
             # restore records may still be coming, later than a settle window when the writer is
-            # descheduled. No record lost, no restore of an unknown page: wait for them, a while.
+            # descheduled. Unless a restore of an unknown page came, or the counters say the kernel
+            # has already restored them (it saves less than expected): wait for them, a while.
             if self._restores_due_since is None:
                 self._restores_due_since = now
             if now - self._restores_due_since < RESTORES_DUE_GRACE_NS:

@@ -339,6 +339,19 @@ def test_restores_that_come_late_after_the_pool_shrank_leave_the_books_exact(cou
     assert v.drift_bytes == (0 if counters else None)
 
 
+def test_restores_the_counters_already_show_are_not_waited_for() -> None:
+    """Pages out of the pool, and the counters say the kernel restored them, but no restore event
+    came (a mode that infers them, records that never arrive): resync at the first quiet moment."""
+    clock = Clock()
+    kernel = Kernel(clock)
+    kernel.pools[("2048kB", 0)] = kernel.opt[("2048kB", 0)] = 16
+    model = start(kernel, clock)
+    kernel.pools[("2048kB", 0)] = kernel.opt[("2048kB", 0)] = 0
+    settle(model, kernel, clock)
+    v = model.view()
+    assert (v.optimized("2048kB"), v.resyncs, v.drift_bytes) == (0, 1, 0)
+
+
 def test_node_is_taken_from_the_pool_when_the_event_has_none(world: tuple[Model, Kernel, Clock]) -> None:
     model, kernel, clock = world
     kernel.pools = {("2048kB", 0): 0, ("2048kB", 1): 2, ("1048576kB", 0): 0}
