@@ -157,17 +157,24 @@ class ModelView:
         """True when this hstate's optimized pages cannot be told apart by node: events carry no node
         (pfns unknown) and the hstate has pages on several nodes. The model still books them on some
         node; that split is a guess and is not published (pool sizes per node are: sysfs gives them)."""
+        return hstate in self._unsplit_hstates()
+
+    def _unsplit_hstates(self) -> set[str]:
         if self.runtime.nodes_known:
-            return False
-        return sum(1 for p in self.pools if p.hstate == hstate and p.pages > 0) > 1
+            return set()
+        nodes: dict[str, int] = {}
+        for p in self.pools:
+            nodes[p.hstate] = nodes.get(p.hstate, 0) + (p.pages > 0)
+        return {h for h, n in nodes.items() if n > 1}
 
     def optimized_by_node(self) -> list[tuple[str, int | None, int]]:
         """(hstate, node, optimized pages): one row per pool, or one row with node None for an hstate
         whose split is unknown (split_unknown)."""
+        unsplit = self._unsplit_hstates()
         out: list[tuple[str, int | None, int]] = []
         unknown: dict[str, int] = {}
         for p in self.pools:
-            if self.split_unknown(p.hstate):
+            if p.hstate in unsplit:
                 unknown[p.hstate] = unknown.get(p.hstate, 0) + p.optimized
             else:
                 out.append((p.hstate, p.node, p.optimized))
